@@ -1,0 +1,73 @@
+"""ijepa-fast: a kernel-optimised engine for I-JEPA pretraining.
+
+``import ijepa_fast`` loads nothing but this file; the names below are imported on first use,
+so the package imports without a GPU, a compiler or any optional package.
+
+Library use (see README "Use from your own trainer")::
+
+    from ijepa_fast import IJEPA, MaskConfig, MultiBlockSampler, Schedules, make_optimizer, train_step
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+__version__ = "0.1.0"
+
+
+class _CheckoutKernels(importlib.abc.MetaPathFinder):
+    """In a source checkout, kernels/ sits beside this package (an install copies it inside):
+    resolve ``ijepa_fast.kernels`` there, so running from the checkout works like an install."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "ijepa_fast.kernels" and not fullname.startswith("ijepa_fast.kernels."):
+            return None
+        rel = fullname.split(".")[2:]
+        base = os.path.join(self.root, "kernels", *rel)
+        if os.path.isfile(os.path.join(base, "__init__.py")):
+            return importlib.util.spec_from_file_location(fullname, os.path.join(base, "__init__.py"),
+                                                          submodule_search_locations=[base])
+        if os.path.isfile(base + ".py"):
+            return importlib.util.spec_from_file_location(fullname, base + ".py")
+        return None
+
+
+_here = os.path.dirname(os.path.abspath(__file__))
+if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isdir(os.path.join(os.path.dirname(_here), "kernels")):
+    sys.meta_path.append(_CheckoutKernels(os.path.dirname(_here)))
+
+_EXPORTS = {
+    "IJEPA": "step", "jepa_loss": "step", "make_optimizer": "step", "param_groups": "step",
+    "train_step": "step", "StepResult": "step",
+    "MaskBatch": "masks", "MultiBlockSampler": "masks",
+    "Schedules": "schedules", "warmup_cosine_lr": "schedules", "cosine_weight_decay": "schedules",
+    "ema_momentum": "schedules",
+    "Config": "config", "ModelConfig": "config", "DataConfig": "config", "MaskConfig": "config",
+    "OptimConfig": "config", "RunConfig": "config", "ConfigError": "config", "load_config": "config",
+    "VisionTransformer": "models", "VisionTransformerPredictor": "models", "build_encoder": "models",
+    "build_predictor": "models",
+    "load_strict": "checkpoint", "read_checkpoint": "checkpoint", "save_atomic": "checkpoint",
+    "encoder_from_checkpoint": "checkpoint", "models_from_checkpoint": "checkpoint",
+    "export_safetensors": "checkpoint", "CheckpointError": "checkpoint",
+    "Trainer": "train", "train": "train",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ijepa_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,202 @@
+"""Checkpoints: the published layout, atomic writes, strict loading, safetensors export.
+
+A checkpoint is a ``.pth.tar`` dict with the published keys ``encoder``, ``predictor``,
+``target_encoder`` (state dicts whose keys start with ``module.``), ``opt``, ``scaler``,
+``epoch``, ``loss``, ``batch_size``, ``world_size`` and ``lr``, so published checkpoints and
+ours load the same way. Ours add an ``ijepa_fast`` entry with what an exact resume needs (step,
+sampler, RNG states, data position, config).
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .models import VIT_SIZES, VisionTransformer, VisionTransformerPredictor
+from .models.pos_embed import grid_from_tokens
+
+MODULES = ("encoder", "predictor", "target_encoder")
+PREFIX = "module."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+def strip_prefix(state: dict) -> dict:
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+
+
+def add_prefix(state: dict) -> dict:
+    return {PREFIX + k: v for k, v in state.items()}
+
+
+def load_strict(module: torch.nn.Module, state: dict, what: str = "model") -> None:
+    """load_state_dict(strict) with an error that lists missing, unexpected and mis-shaped keys."""
+    state = strip_prefix(state)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {'; '.join(shapes)}")
+        raise CheckpointError(f"{what} does not match the checkpoint: " + " | ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def read_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: say which
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or not any(m in ckpt for m in MODULES):
+        raise CheckpointError(f"{path} is not an I-JEPA checkpoint (no encoder / target_encoder entry)")
+    return ckpt
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# architecture from weights
+
+def encoder_spec(state: dict, num_heads: int | None = None) -> dict:
+    """VisionTransformer arguments read off an encoder state dict (square grid assumed).
+
+    The head count is not in the weights: it comes from the standard size with the same width
+    and depth, or must be given.
+    """
+    state = strip_prefix(state)
+    try:
+        _, n, dim = state["pos_embed"].shape
+        patch = state["patch_embed.proj.weight"].shape[-1]
+        in_chans = state["patch_embed.proj.weight"].shape[1]
+    except KeyError as e:
+        raise CheckpointError(f"not a ViT encoder state dict: no {e.args[0]!r}") from None
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * dim
+    if num_heads is None:
+        match = [s for s in VIT_SIZES.values() if s.dim == dim and s.depth == depth]
+        if not match:
+            raise CheckpointError(f"width {dim} / depth {depth} is not a standard ViT size: pass num_heads")
+        num_heads = match[0].heads
+    grid = grid_from_tokens(n)
+    return dict(img_size=(grid[0] * patch, grid[1] * patch), patch_size=patch, in_chans=in_chans, embed_dim=dim,
+                depth=depth, num_heads=num_heads, mlp_ratio=_ratio(hidden, dim),
+                qkv_bias="blocks.0.attn.qkv.bias" in state)
+
+
+def _ratio(hidden: int, dim: int) -> float:
+    """An MLP ratio r with int(dim * r) == hidden (the blocks size their MLP that way)."""
+    r = hidden / dim
+    return r if int(dim * r) == hidden else (hidden + 0.5) / dim
+
+
+def predictor_spec(state: dict, num_heads: int) -> dict:
+    state = strip_prefix(state)
+    _, n, pdim = state["predictor_pos_embed"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("predictor_blocks.")})
+    hidden = state["predictor_blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * pdim
+    return dict(grid=grid_from_tokens(n), embed_dim=state["predictor_proj.weight"].shape[0], predictor_embed_dim=pdim,
+                depth=depth, num_heads=num_heads, mlp_ratio=_ratio(hidden, pdim),
+                qkv_bias="predictor_blocks.0.attn.qkv.bias" in state)
+
+
+def encoder_from_checkpoint(path_or_ckpt, which: str = "target_encoder", num_heads: int | None = None,
+                            **kw) -> VisionTransformer:
+    """An encoder built from a checkpoint's weights (``which``: target_encoder or encoder)."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read_checkpoint(path_or_ckpt)
+    if which not in ("target_encoder", "encoder"):
+        raise ValueError(f"which must be 'target_encoder' or 'encoder', got {which!r}")
+    if which not in ckpt:
+        raise CheckpointError(f"the checkpoint has no {which!r} entry (it has {sorted(ckpt)})")
+    enc = VisionTransformer(**encoder_spec(ckpt[which], num_heads), **kw)
+    load_strict(enc, ckpt[which], which)
+    return enc
+
+
+def models_from_checkpoint(path_or_ckpt, num_heads: int | None = None, pred_heads: int | None = None, **kw):
+    """(encoder, predictor, target_encoder) built from and loaded with a checkpoint's weights."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read_checkpoint(path_or_ckpt)
+    enc = encoder_from_checkpoint(ckpt, "encoder", num_heads, **kw)
+    tgt = encoder_from_checkpoint(ckpt, "target_encoder", enc.num_heads, **kw)
+    pred = VisionTransformerPredictor(**predictor_spec(ckpt["predictor"], pred_heads or enc.num_heads), **kw)
+    load_strict(pred, ckpt["predictor"], "predictor")
+    return enc, pred, tgt
+
+
+# ---------------------------------------------------------------------------------------------
+# training state
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_py_state_from_list(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state_to_list(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_list(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+def export_safetensors(src, out, which: str = "target_encoder") -> Path:
+    """Write one encoder of a checkpoint as safetensors (plain keys; architecture in the metadata)."""
+    from safetensors.torch import save_file
+
+    ckpt = read_checkpoint(src)
+    if which not in ckpt:
+        raise CheckpointError(f"the checkpoint has no {which!r} entry")
+    state = {k: v.contiguous() for k, v in strip_prefix(ckpt[which]).items()}
+    spec = encoder_spec(state, num_heads=(ckpt.get("ijepa_fast") or {}).get("num_heads"))
+    meta = {k: str(v) for k, v in spec.items()}
+    meta["which"] = which
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata=meta)
+    return out

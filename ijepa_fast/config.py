@@ -1,0 +1,342 @@
+"""The configuration: one tree of dataclasses, YAML files and dotted command-line overrides.
+
+``load_config(path, overrides)`` starts from the defaults below, merges a YAML file (ours, or
+one of the reference implementation's, recognised by its sections), then overrides such as
+``optim.lr=5e-4``. Every key is checked: an unknown key or a value of the wrong type is an error
+that names the key. ``describe()`` prints every option with its documentation.
+
+A YAML file may name another one with ``base: other.yaml`` (relative to itself, or a name in
+the built-in ``configs/``); its values are applied first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+def opt(default, help: str, choices=None):
+    """A documented config field."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("vit_huge", "encoder size", ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge",
+                                                  "vit_giant", "custom"))
+    patch_size: int = opt(14, "patch side in pixels")
+    embed_dim: int = opt(192, "encoder width (name=custom only)")
+    depth: int = opt(12, "encoder depth (name=custom only)")
+    num_heads: int = opt(3, "encoder heads (name=custom only)")
+    mlp_ratio: float = opt(4.0, "MLP width / model width (name=custom only)")
+    pred_depth: int = opt(12, "predictor depth")
+    pred_dim: int = opt(384, "predictor width")
+    pred_heads: int | None = opt(None, "predictor heads; null = the encoder's head count (as the reference)")
+    init: str = opt("released", "initialisation: 'released' = as the released training script (its second "
+                    "trunc-normal pass undoes the depth rescaling), 'rescaled' = the model constructors' init "
+                    "(residual projections of block i divided by sqrt(2i))", ("released", "rescaled"))
+    init_std: float = opt(0.02, "std of the trunc-normal init")
+    attn: str = opt("sdpa", "attention implementation", ("sdpa", "math"))
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("folder", "'folder': images under data.path; 'demo': generated images (no files)",
+                      ("folder", "demo"))
+    path: str | None = opt(None, "image folder: ImageNet layout (class sub-folders) or flat")
+    batch_size: int = opt(128, "images per step per process")
+    crop_size: int = opt(224, "training resolution (RandomResizedCrop output side)")
+    crop_scale: tuple[float, float] = opt((0.3, 1.0), "RandomResizedCrop area range")
+    crop_ratio: tuple[float, float] = opt((0.75, 4 / 3), "RandomResizedCrop aspect range")
+    hflip: bool = opt(False, "random horizontal flip (off in the released recipes)")
+    mean: tuple[float, float, float] = opt((0.485, 0.456, 0.406), "normalisation mean")
+    std: tuple[float, float, float] = opt((0.229, 0.224, 0.225), "normalisation std")
+    num_workers: int = opt(8, "data-loading worker processes (0 = in the main process)")
+    pin_memory: bool = opt(True, "pin host batches (CUDA only)")
+    demo_images: int = opt(2048, "number of generated images (source=demo)")
+    demo_size: int = opt(48, "side of the generated images (source=demo)")
+
+
+@dataclass
+class MaskConfig:
+    mode: str = opt("default", "'default': corrected sampler (every position reachable, no truncation); "
+                    "'reference': the released sampler's exact semantics", ("default", "reference"))
+    num_targets: int = opt(4, "target blocks per image")
+    target_scale: tuple[float, float] = opt((0.15, 0.2), "target block area, fraction of the grid")
+    target_aspect: tuple[float, float] = opt((0.75, 1.5), "target block aspect (height / width)")
+    num_context: int = opt(1, "context blocks per image")
+    context_scale: tuple[float, float] = opt((0.85, 1.0), "context block area, fraction of the grid")
+    min_keep: int = opt(10, "a context block must keep more than this many patches")
+    allow_overlap: bool = opt(False, "let the context overlap the targets")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = opt(300, "training epochs (the schedules span epochs * ipe_scale)")
+    warmup: float = opt(40.0, "linear LR warm-up, in epochs")
+    start_lr: float = opt(2e-4, "LR at the start of warm-up")
+    lr: float = opt(1e-3, "peak LR (after warm-up)")
+    final_lr: float = opt(1e-6, "LR at the end of the cosine decay")
+    weight_decay: float = opt(0.04, "initial weight decay (cosine schedule)")
+    final_weight_decay: float = opt(0.4, "final weight decay")
+    ipe_scale: float = opt(1.0, "schedule length multiplier")
+    ema: tuple[float, float] = opt((0.996, 1.0), "target-encoder EMA momentum, start and end")
+    ema_schedule: str = opt("linear", "momentum ramp: 'linear' (released code) or 'cosine' (paper text)",
+                            ("linear", "cosine"))
+    loss: str = opt("smooth_l1", "'smooth_l1' (released code, beta 1) or 'mse' (paper text)", ("smooth_l1", "mse"))
+    grad_clip: float | None = opt(None, "clip the global gradient norm to this value (null = off)")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = opt("runs", "parent folder of run folders")
+    name: str | None = opt(None, "run folder name (null = config name and a timestamp)")
+    dir: str | None = opt(None, "explicit run folder (overrides out_dir/name)")
+    tag: str = opt("jepa", "checkpoint file prefix: <tag>-latest.pth.tar")
+    seed: int = opt(0, "seed of weights, masks, data order and augmentation")
+    device: str = opt("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    precision: str = opt("auto", "'auto' = bf16 autocast on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
+    threads: int | None = opt(None, "CPU threads for torch (null = torch's default)")
+    max_steps: int | None = opt(None, "stop after this many steps (schedules still span the full run)")
+    log_every: int = opt(10, "steps between log rows")
+    checkpoint_every: int = opt(0, "steps between checkpoints (0 = at the end of every epoch)")
+    keep_every_epochs: int = opt(50, "also keep <tag>-ep<N>.pth.tar every N epochs (0 = never)")
+    resume: str | None = opt("auto", "'auto' = continue from the run folder's latest checkpoint; "
+                                       "a path = start from that checkpoint; null = start fresh")
+    progress: bool = opt(True, "show a progress bar")
+    plot: bool = opt(True, "write loss.png into the run folder")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# merging and type checking
+
+def _coerce(key: str, value, tp):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        bad = isinstance(value, bool) or not isinstance(value, (int, str))
+        if bad or (isinstance(value, str) and not _is_int(value)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported option type {tp}")
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _unknown(key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def merge(obj, values: dict, prefix: str = "") -> None:
+    """Merge a nested dict into a config dataclass in place, checking every key and value."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = prefix + str(key)
+        if key not in fields:
+            raise _unknown(full, fields)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            merge(current, value, full + ".")
+            continue
+        new = _coerce(full, value, hints[key])
+        choices = fields[key].metadata.get("choices")
+        if choices and new not in choices:
+            raise ConfigError(f"{full}: {new!r} is not one of {', '.join(map(repr, choices))}")
+        setattr(obj, key, new)
+
+
+def parse_override(text: str) -> dict:
+    """'optim.lr=5e-4' -> {'optim': {'lr': 0.0005}} (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def read_yaml(path: Path, _seen=()) -> dict:
+    """A YAML config as a dict in our layout (reference files are translated), bases resolved."""
+    import yaml
+
+    from .config_reference import is_reference_config, translate_reference_config
+
+    path = Path(path)
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    if is_reference_config(data):
+        return translate_reference_config(data, path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base) if (path.parent / base).exists() else find_config(base)
+    merged = read_yaml(base_path, _seen + (path,))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def config_dir() -> Path:
+    """The built-in configs/ folder (installed with the package, or beside it in a checkout)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "configs", here.parent / "configs"):
+        if cand.is_dir():
+            return cand
+    raise ConfigError("the built-in configs/ folder is missing from this installation")
+
+
+def find_config(name: str) -> Path:
+    """A config path, or the name of a built-in config (with or without .yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    cand = config_dir() / f"{stem}.yaml"
+    if cand.is_file():
+        return cand
+    names = sorted(q.stem for q in config_dir().glob("*.yaml"))
+    raise ConfigError(f"config {name!r} not found: not a file, nor a built-in config ({', '.join(names)})")
+
+
+def load_config(path=None, overrides=()) -> Config:
+    """Defaults <- YAML file (optional) <- overrides, checked; see the module docstring."""
+    cfg = Config()
+    if path is not None:
+        merge(cfg, read_yaml(find_config(str(path))))
+    for text in overrides:
+        merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields, with messages that say what to change."""
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    d, m, o, mo = cfg.data, cfg.mask, cfg.optim, cfg.model
+    need(d.batch_size > 0, "data.batch_size", "must be positive")
+    need(d.crop_size % mo.patch_size == 0, "data.crop_size",
+         f"{d.crop_size} is not a multiple of model.patch_size={mo.patch_size}")
+    need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0 < min <= max <= 1")
+    need(0 < m.target_scale[0] <= m.target_scale[1] < 1, "mask.target_scale", "needs 0 < min <= max < 1")
+    need(0 < m.context_scale[0] <= m.context_scale[1] <= 1, "mask.context_scale", "needs 0 < min <= max <= 1")
+    need(m.num_targets >= 1 and m.num_context >= 1, "mask.num_targets", "needs at least one target and context block")
+    need(o.epochs > 0, "optim.epochs", "must be positive")
+    need(0 <= o.ema[0] <= o.ema[1] <= 1, "optim.ema", "needs 0 <= start <= end <= 1")
+    need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be positive or null")
+    need(cfg.run.log_every > 0, "run.log_every", "must be positive")
+
+
+def describe(obj=None, prefix: str = "") -> str:
+    """Every option, one per line: key, default, documentation."""
+    obj = obj or Config()
+    lines = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(describe(value, prefix + f.name + "."))
+        else:
+            choices = f.metadata.get("choices")
+            extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+            lines.append(f"{prefix + f.name:26s} {_plain(value)!s:24s} {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,203 @@
+"""One I-JEPA training step, as a library.
+
+``IJEPA`` holds the context encoder, the predictor and the EMA target encoder::
+
+    model = IJEPA.build("vit_huge", img_size=224, patch_size=14, pred_depth=12)
+    sampler = MultiBlockSampler(model.grid, MaskConfig())
+    optimizer = make_optimizer(model)
+    for step, images in enumerate(loader):
+        masks = sampler(len(images))
+        loss = model.loss(images, masks)
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        model.update_target(schedules.momentum_at(step))
+
+``train_step`` does all of that (schedules, autocast, clipping) for one batch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .masks import MaskBatch
+from .models import VisionTransformer, VisionTransformerPredictor, build_encoder, build_predictor
+from .models.layers import reinit_linear_and_norm
+from .models.vit import gather_tokens
+
+LOSSES = ("smooth_l1", "mse")
+
+
+def jepa_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1",
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean smooth-L1 (beta 1) or squared error over every element of the real target rows.
+
+    pred, target: [R, L, D]; valid: optional bool [R, L], False at padding rows.
+    """
+    if kind == "smooth_l1":
+        err = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
+    elif kind == "mse":
+        err = F.mse_loss(pred, target, reduction="none")
+    else:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    if valid is None:
+        return err.mean()
+    w = valid.unsqueeze(-1).to(err.dtype)
+    return (err * w).sum() / (w.sum() * err.shape[-1])
+
+
+class IJEPA(nn.Module):
+    """Context encoder + predictor (trained) and target encoder (EMA of the encoder)."""
+
+    def __init__(self, encoder: VisionTransformer, predictor: VisionTransformerPredictor,
+                 target_encoder: VisionTransformer | None = None, loss_type: str = "smooth_l1"):
+        super().__init__()
+        if loss_type not in LOSSES:
+            raise ValueError(f"unknown loss {loss_type!r}; choose one of {LOSSES}")
+        self.encoder = encoder
+        self.predictor = predictor
+        self.target_encoder = target_encoder if target_encoder is not None else copy.deepcopy(encoder)
+        self.target_encoder.requires_grad_(False)
+        self.loss_type = loss_type
+
+    @classmethod
+    def build(cls, name: str = "vit_huge", img_size=224, patch_size: int = 14, pred_depth: int = 12,
+              pred_dim: int = 384, pred_heads: int | None = None, init: str = "released", loss: str = "smooth_l1",
+              attn: str = "sdpa", **encoder_kw) -> IJEPA:
+        """Fresh models, initialised as the released training script does (``init='released'``)."""
+        if name == "custom":
+            encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, attn_impl=attn, **encoder_kw)
+        else:
+            encoder = build_encoder(name, img_size, patch_size, attn_impl=attn, **encoder_kw)
+        predictor = build_predictor(encoder.grid, encoder.embed_dim, pred_heads or encoder.num_heads,
+                                    pred_dim, pred_depth, attn_impl=attn)
+        if init == "released":
+            reinit_linear_and_norm(encoder)
+            reinit_linear_and_norm(predictor)
+        elif init != "rescaled":
+            raise ValueError(f"unknown init {init!r}; use 'released' or 'rescaled'")
+        return cls(encoder, predictor, loss_type=loss)
+
+    @classmethod
+    def from_config(cls, cfg) -> IJEPA:
+        m = cfg.model
+        extra = {}
+        if m.name == "custom":
+            extra = dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
+        return cls.build(m.name, cfg.data.crop_size, m.patch_size, m.pred_depth, m.pred_dim, m.pred_heads,
+                         m.init, cfg.optim.loss, m.attn, init_std=m.init_std, **extra)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.encoder.grid
+
+    # -- the three forward passes
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
+        """layer_norm(target_encoder(images)) at every target block: [K * M * B, Lt, D]."""
+        h = self.target_encoder(images)
+        h = F.layer_norm(h, (h.shape[-1],))
+        k, b, lt = masks.targets.shape
+        m = masks.context.shape[0]
+        h = gather_tokens(h, masks.targets).reshape(k, 1, b, lt, -1)
+        return h.expand(k, m, b, lt, h.shape[-1]).reshape(k * m * b, lt, -1)
+
+    def predict(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
+        """Predictor output for every (target block, context block, image): [K * M * B, Lt, D]."""
+        ctx_valid = masks.context_valid()
+        z = self.encoder(images, masks.context, None if ctx_valid is None else ctx_valid.flatten(0, 1))
+        return self.predictor(z, masks.context, masks.targets, ctx_valid, masks.target_valid(), self.grid)
+
+    def loss(self, images: torch.Tensor, masks: MaskBatch, return_outputs: bool = False):
+        """The I-JEPA loss of a batch (a scalar), and optionally {'pred', 'target'}."""
+        target = self.targets(images, masks)
+        pred = self.predict(images, masks)
+        valid = self._row_valid(masks)
+        loss = jepa_loss(pred, target.to(pred.dtype), self.loss_type, valid)
+        return (loss, {"pred": pred, "target": target}) if return_outputs else loss
+
+    @staticmethod
+    def _row_valid(masks: MaskBatch):
+        tv = masks.target_valid()
+        if tv is None:
+            return None
+        k, b, lt = tv.shape
+        m = masks.context.shape[0]
+        return tv.reshape(k, 1, b, lt).expand(k, m, b, lt).reshape(k * m * b, lt)
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * encoder, over every parameter."""
+        tgt = list(self.target_encoder.parameters())
+        src = list(self.encoder.parameters())
+        torch._foreach_mul_(tgt, momentum)
+        torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+
+
+def param_groups(model: IJEPA) -> list[dict]:
+    """The reference's four AdamW groups, in its order: encoder and predictor weights (decayed),
+    then their biases and 1-D parameters (never decayed, flagged WD_exclude)."""
+    def pick(module, decay):
+        return [p for n, p in module.named_parameters() if (("bias" not in n) and p.ndim != 1) == decay]
+
+    return [
+        {"params": pick(model.encoder, True)},
+        {"params": pick(model.predictor, True)},
+        {"params": pick(model.encoder, False), "WD_exclude": True, "weight_decay": 0.0},
+        {"params": pick(model.predictor, False), "WD_exclude": True, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: IJEPA, lr: float = 1e-3, weight_decay: float = 0.04, betas=(0.9, 0.999),
+                   eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over the reference's parameter groups (the schedules set lr and weight decay each step)."""
+    groups = param_groups(model)
+    for g in groups:
+        g.setdefault("weight_decay", weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    wd: float
+    momentum: float
+    grad_norm: float | None
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 autocast on CUDA under 'auto' or 'bf16'; fp32 (no autocast) otherwise."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Tensor, masks: MaskBatch,
+               step: int, schedules, precision: str = "auto", grad_clip: float | None = None) -> StepResult:
+    """One step: set LR/WD, forward, backward, (clip), AdamW, EMA update of the target encoder.
+
+    Raises FloatingPointError, before the optimiser or the target encoder is touched, when the
+    loss is not finite.
+    """
+    lr, wd = schedules.apply(optimizer, step)
+    dtype = autocast_dtype(images.device, precision)
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = model.loss(images, masks)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"loss is {value} at step {step}")
+    loss.backward()
+    grad_norm = None
+    if grad_clip:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    momentum = schedules.momentum_at(step)
+    model.update_target(momentum)
+    return StepResult(value, lr, wd, momentum, grad_norm)

@@ -1,0 +1,47 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def reference_dir() -> Path:
+    return Path(os.environ.get("IJEPA_REFERENCE_DIR", SHARED / "golden"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Fresh but reproducible random inputs in every test."""
+    torch.manual_seed(1234)
+    random.seed(1234)
+    yield
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A small demo config for fast end-to-end runs."""
+    from ijepa_fast.config import load_config
+
+    return load_config("demo_cpu", [
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pred_depth=1", "model.pred_dim=16",
+        "data.demo_images=64", "data.batch_size=8", "optim.epochs=2", "optim.warmup=0.5", "run.progress=false",
+        "run.plot=false", "run.log_every=1"])
+
+
+def run_cli(*args, cwd=None, env=None, check=True, timeout=600):
+    """Run ``python -m ijepa_fast ARGS`` on this checkout, in a fresh process."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "ijepa_fast", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ijepa-fast {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
