@@ -1,0 +1,140 @@
+"""The ``ijepa-fast`` command.
+
+    ijepa-fast train [CONFIG] [section.key=value ...] [--data DIR]   train (no CONFIG: the CPU demo)
+    ijepa-fast config [CONFIG] [section.key=value ...] [--describe]  print the resolved config / every option
+    ijepa-fast export CHECKPOINT OUT.safetensors [--which encoder]   export an encoder as safetensors
+
+CONFIG is a YAML path or the name of a built-in config (``ijepa-fast config --list``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_CONFIG = "demo_cpu"
+
+
+def _split(args: list[str]) -> tuple[str | None, list[str]]:
+    config, overrides = None, []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif config is None:
+            config = a
+        else:
+            raise SystemExit(f"error: unexpected argument {a!r}: give one CONFIG and section.key=value overrides")
+    return config, overrides
+
+
+def _load(args) -> tuple[object, str]:
+    from pathlib import Path
+
+    from .config import load_config
+
+    config, overrides = _split(args.args)
+    extra = []
+    if getattr(args, "data", None):
+        extra += ["data.source=folder", f"data.path={args.data}"]
+    if getattr(args, "run_dir", None):
+        extra.append(f"run.dir={args.run_dir}")
+    if getattr(args, "device", None):
+        extra.append(f"run.device={args.device}")
+    if getattr(args, "steps", None):
+        extra.append(f"run.max_steps={args.steps}")
+    name = config or DEFAULT_CONFIG
+    cfg = load_config(name, extra + overrides)
+    return cfg, Path(name).stem
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg, name = _load(args)
+    run_dir = train(cfg, name)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from .config import config_dir, describe
+
+    if args.list:
+        for p in sorted(config_dir().glob("*.yaml")):
+            first = p.read_text().splitlines()[0].lstrip("# ") if p.read_text() else ""
+            print(f"{p.stem:28s} {first}")
+        return 0
+    if args.describe:
+        print(describe())
+        return 0
+    cfg, _ = _load(args)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_safetensors
+
+    out = export_safetensors(args.checkpoint, args.out, args.which)
+    print(f"wrote {args.which} of {args.checkpoint} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="ijepa-fast", description="I-JEPA pretraining engine.")
+    p.add_argument("--version", action="version", version=f"ijepa-fast {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (with no CONFIG: the built-in CPU demo)",
+                       description="Train from CONFIG (a YAML path or built-in name; default: demo_cpu) with "
+                                   "section.key=value overrides, e.g. optim.lr=5e-4 data.batch_size=64.")
+    t.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    t.add_argument("--data", metavar="DIR", help="train on an image folder (ImageNet layout or flat)")
+    t.add_argument("--run-dir", metavar="DIR", help="run folder (resumes from its latest checkpoint if any)")
+    t.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    t.add_argument("--steps", type=int, help="stop after this many steps")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="print the resolved config, list built-in configs or describe every option")
+    c.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    c.add_argument("--describe", action="store_true", help="every option with its default and meaning")
+    c.add_argument("--list", action="store_true", help="the built-in configs")
+    c.add_argument("--data", metavar="DIR")
+    c.set_defaults(func=cmd_config)
+
+    e = sub.add_parser("export", help="export an encoder of a checkpoint as safetensors")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    e.add_argument("--which", default="target_encoder", choices=("target_encoder", "encoder"))
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data.images import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .train import TrainingStopped
+
+        if isinstance(e, TrainingStopped):
+            print(f"stopped: {e}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""What a run writes as it goes: metric rows (JSONL and CSV), a progress bar, a loss plot."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("ijepa_fast")
+
+COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "grad_norm", "ctx_tokens", "tgt_tokens",
+           "step_ms", "images_per_s", "skipped", "mem_gib")
+
+
+def setup_logging(run_dir: Path | None = None, rank: int = 0) -> None:
+    """INFO to stderr (rank 0 only) and to <run_dir>/train.log."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if rank == 0:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    if run_dir is not None:
+        fh = logging.FileHandler(Path(run_dir) / ("train.log" if rank == 0 else f"train_r{rank}.log"))
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+
+
+class MetricsWriter:
+    """Appends one row per logged step to metrics.jsonl and metrics.csv (resume-safe: rows at or
+    after the resume step are dropped first, so a resumed run's log has no duplicates)."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0):
+        self.jsonl = Path(run_dir) / "metrics.jsonl"
+        self.csv = Path(run_dir) / "metrics.csv"
+        rows = [r for r in read_metrics(self.jsonl) if r["step"] <= start_step]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with open(self.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow(row)
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A progress bar on stderr (tqdm when installed), or periodic log lines without a terminal."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = None
+        self.total, self.n, self.t0 = total, initial, time.time()
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1, **info) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if info:
+                self.bar.set_postfix(info, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_metrics(metrics_path, out_png) -> Path | None:
+    """loss.png: the loss per logged step and a smoothed curve; LR on a second axis."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss plot (pip install matplotlib)")
+        return None
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    beta = 1.0 - 1.0 / max(1.0, len(loss) / 20)  # about a 20th of the run
+    smooth, acc = [], 0.0
+    for t, v in enumerate(loss, start=1):
+        acc = beta * acc + (1 - beta) * v
+        smooth.append(acc / (1 - beta**t))  # bias-corrected, so the curve starts at the first value
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, loss, color="#9ab", lw=1, label="loss")
+    ax.plot(steps, smooth, color="#135", lw=2, label="smoothed")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if min(loss) > 0:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["lr"] for r in rows], color="#d62", lw=1, ls="--", label="lr")
+    ax2.set_ylabel("learning rate")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)

@@ -1,0 +1,63 @@
+"""The command line, end to end, as a user runs it."""
+import json
+
+import torch
+from conftest import run_cli
+
+
+def test_cli_demo_trains_end_to_end(tmp_path):
+    """The built-in demo: no config, no data; a run folder with log, plot and checkpoint; the loss falls."""
+    proc = run_cli("train", "--steps", "40", "run.log_every=2", cwd=tmp_path)
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert f"run folder: {run_dir.relative_to(tmp_path)}" in proc.stdout
+    for name in ("config.yaml", "train.log", "metrics.jsonl", "metrics.csv", "loss.png", "jepa-latest.pth.tar"):
+        assert (run_dir / name).is_file(), name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, 41, 2))
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < 0.8 * first, f"loss did not fall: {first} -> {last}"
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(run_dir / "jepa-latest.pth.tar", weights_only=True)
+    assert ckpt["ijepa_fast"]["step"] == 40 and all(k.startswith("module.") for k in ckpt["encoder"])
+    assert "demo" in (run_dir / "config.yaml").read_text()
+
+
+def test_cli_trains_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    for c in ("cats", "dogs"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (50, 40), (i * 20, 80, 160)).save(tmp_path / "data" / c / f"{i}.jpg")
+    proc = run_cli("train", "--data", tmp_path / "data", "--run-dir", tmp_path / "run", "--steps", "2",
+                   "data.batch_size=8", "run.progress=false", "data.num_workers=1")
+    assert "20 images" in proc.stderr and (tmp_path / "run" / "jepa-latest.pth.tar").exists()
+
+
+def test_cli_errors_name_what_to_fix(tmp_path):
+    p = run_cli("train", "optim.lrr=1", check=False, cwd=tmp_path)
+    assert p.returncode == 2 and "unknown config key 'optim.lrr'" in p.stderr and "did you mean 'lr'" in p.stderr
+    p = run_cli("train", "in1k_vith14_ep300", check=False, cwd=tmp_path)
+    assert p.returncode == 2 and "data.path is not set" in p.stderr
+    p = run_cli("train", "--data", tmp_path / "nothing", check=False, cwd=tmp_path)
+    assert p.returncode == 2 and "does not exist" in p.stderr
+    p = run_cli("train", "no_such_config", check=False, cwd=tmp_path)
+    assert p.returncode == 2 and "not found" in p.stderr
+
+
+def test_cli_config_describe_list_and_resolved(tmp_path):
+    out = run_cli("config", "--describe").stdout
+    assert "optim.lr" in out and "mask.mode" in out
+    assert "in1k_vith14_ep300" in run_cli("config", "--list").stdout
+    resolved = run_cli("config", "in22k_vitg16_ep44", "optim.lr=3e-4").stdout
+    assert "name: vit_giant" in resolved and "lr: 0.0003" in resolved
+
+
+def test_cli_export_safetensors(tmp_path):
+    run_cli("train", "--steps", "1", "--run-dir", tmp_path / "run", "run.progress=false", "run.plot=false")
+    run_cli("export", tmp_path / "run" / "jepa-latest.pth.tar", tmp_path / "enc.safetensors")
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "enc.safetensors"))
+    ckpt = torch.load(tmp_path / "run" / "jepa-latest.pth.tar", weights_only=True)
+    assert torch.equal(state["norm.weight"], ckpt["target_encoder"]["module.norm.weight"])
