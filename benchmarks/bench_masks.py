@@ -1,0 +1,73 @@
+"""Milliseconds per batch of each multi-block mask sampler, on one CPU core.
+
+    python benchmarks/bench_masks.py [--batch 128 --img 224 --patch 14 --repeats 100] [--out FILE]
+
+One JSON object per line: each mode of each sampler implementation present, and, where the
+reference implementation is unpacked in .bench_ref/.ref (see shared/anchors), its collator on the
+same machine for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common import ROOT, emit, environment, summary, time_host
+
+
+def bench_ours(args, env):
+    import torch
+
+    from ijepa_fast.config import MaskConfig
+    from ijepa_fast.masks import MultiBlockSampler
+
+    for mode in ("reference", "default"):
+        sampler = MultiBlockSampler((args.img // args.patch,) * 2, MaskConfig(mode=mode), seed=0)
+        ms = time_host(lambda: sampler(args.batch), args.repeats)
+        ctx = tgt = 0.0
+        for step in range(200):
+            c, t = sampler.sample(args.batch, step).mean_tokens()
+            ctx, tgt = ctx + c / 200, tgt + t / 200
+        emit({"bench": "masks", "impl": "python", "mode": mode, "batch": args.batch, "img": args.img,
+              "patch": args.patch, "threads": torch.get_num_threads(), **summary(ms),
+              "mean_ctx_tokens": round(ctx, 2), "mean_tgt_tokens": round(tgt, 2), **env}, args.out)
+
+
+def bench_reference(args, env):
+    ref = ROOT / ".bench_ref" / ".ref"
+    if not (ref / "src" / "masks" / "multiblock.py").exists():
+        return
+    import logging
+
+    import torch
+
+    sys.path.insert(0, str(ref))
+    from src.masks.multiblock import MaskCollator  # the reference implementation, never committed
+
+    logging.disable(logging.WARNING)
+    coll = MaskCollator(input_size=(args.img, args.img), patch_size=args.patch, pred_mask_scale=(0.15, 0.2),
+                        enc_mask_scale=(0.85, 1.0), aspect_ratio=(0.75, 1.5), nenc=1, npred=4, allow_overlap=False,
+                        min_keep=10)
+    batch = [torch.zeros(1)] * args.batch
+    ms = time_host(lambda: coll(batch), max(10, args.repeats // 5))
+    emit({"bench": "masks", "impl": "reference_collator", "mode": "reference", "batch": args.batch, "img": args.img,
+          "patch": args.patch, "threads": torch.get_num_threads(), **summary(ms), **env}, args.out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--img", type=int, default=224)
+    p.add_argument("--patch", type=int, default=14)
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # one core, as the goal is stated
+    env = environment("cpu")
+    bench_ours(args, env)
+    bench_reference(args, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Shared by the benchmark scripts: where and on what a figure was measured."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "") if rev.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str = "cpu") -> dict:
+    import torch
+
+    env = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"), "commit": commit(),
+           "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+           "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        try:
+            import triton
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return env
+
+
+def emit(record: dict, out=None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def time_host(fn, repeats: int = 50, warmup: int = 5) -> list[float]:
+    """Wall-clock milliseconds of fn() on the host, one sample per call."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def summary(ms: list[float]) -> dict:
+    ms = sorted(ms)
+    return {"median_ms": round(statistics.median(ms), 3), "p10_ms": round(ms[len(ms) // 10], 3),
+            "p90_ms": round(ms[(len(ms) * 9) // 10], 3), "runs": len(ms)}
