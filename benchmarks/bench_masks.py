@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import ROOT, emit, environment, summary, time_host
+from common import ROOT, emit, environment, summary, time_host, write_markdown
 
 
-def bench_ours(args, env):
+def bench_ours(args, env, rows):
     import torch
 
     from ijepa_fast.config import MaskConfig
@@ -27,12 +27,13 @@ def bench_ours(args, env):
         for step in range(200):
             c, t = sampler.sample(args.batch, step).mean_tokens()
             ctx, tgt = ctx + c / 200, tgt + t / 200
-        emit({"bench": "masks", "impl": "python", "mode": mode, "batch": args.batch, "img": args.img,
-              "patch": args.patch, "threads": torch.get_num_threads(), **summary(ms),
-              "mean_ctx_tokens": round(ctx, 2), "mean_tgt_tokens": round(tgt, 2), **env}, args.out)
+        rows.append({"bench": "masks", "impl": "python", "mode": mode, "batch": args.batch, "img": args.img,
+                     "patch": args.patch, "threads": torch.get_num_threads(), **summary(ms),
+                     "mean_ctx_tokens": round(ctx, 2), "mean_tgt_tokens": round(tgt, 2), **env})
+        emit(rows[-1], args.out)
 
 
-def bench_reference(args, env):
+def bench_reference(args, env, rows):
     ref = ROOT / ".bench_ref" / ".ref"
     if not (ref / "src" / "masks" / "multiblock.py").exists():
         return
@@ -49,8 +50,15 @@ def bench_reference(args, env):
                         min_keep=10)
     batch = [torch.zeros(1)] * args.batch
     ms = time_host(lambda: coll(batch), max(10, args.repeats // 5))
-    emit({"bench": "masks", "impl": "reference_collator", "mode": "reference", "batch": args.batch, "img": args.img,
-          "patch": args.patch, "threads": torch.get_num_threads(), **summary(ms), **env}, args.out)
+    rows.append({"bench": "masks", "impl": "reference_collator", "mode": "reference", "batch": args.batch,
+                 "img": args.img, "patch": args.patch, "threads": torch.get_num_threads(), **summary(ms), **env})
+    emit(rows[-1], args.out)
+
+
+NOTES = ("One thread. `reference_collator` is the released implementation's collator, timed on the same machine in "
+         "the same run when it is unpacked in .bench_ref/.ref (it is not part of this repository). Token counts are "
+         "means per image over 200 batches: after truncation to the batch minimum (reference mode), or whole "
+         "(default mode).")
 
 
 def main():
@@ -60,13 +68,21 @@ def main():
     p.add_argument("--patch", type=int, default=14)
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--out", help="also append the JSON lines to this file")
+    p.add_argument("--md", help="also write a Markdown table to this file")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(1)  # one core, as the goal is stated
     env = environment("cpu")
-    bench_ours(args, env)
-    bench_reference(args, env)
+    rows = []
+    bench_ours(args, env, rows)
+    bench_reference(args, env, rows)
+    if args.md:
+        write_markdown(args.md, "Mask samplers: milliseconds per batch on one CPU core",
+                       f"python benchmarks/bench_masks.py --batch {args.batch} --img {args.img} --patch {args.patch}",
+                       rows, [("impl", "sampler"), ("mode", "mode"), ("median_ms", "median ms"), ("p10_ms", "p10"),
+                              ("p90_ms", "p90"), ("mean_ctx_tokens", "context tokens / image"),
+                              ("mean_tgt_tokens", "target tokens / image")], NOTES)
 
 
 if __name__ == "__main__":

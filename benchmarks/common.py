@@ -76,3 +76,19 @@ def summary(ms: list[float]) -> dict:
     ms = sorted(ms)
     return {"median_ms": round(statistics.median(ms), 3), "p10_ms": round(ms[len(ms) // 10], 3),
             "p90_ms": round(ms[(len(ms) * 9) // 10], 3), "runs": len(ms)}
+
+
+def write_markdown(path, title: str, command: str, rows: list[dict], columns: list[tuple[str, str]],
+                   notes: str = "") -> None:
+    """A results table with the machine, versions, commit and date the figures came from."""
+    e = rows[0]
+    where = e.get("gpu") or f"{e['cpu']} ({e['cpus']} cores available)"
+    versions = ", ".join(f"{k} {e[k]}" for k in ("torch", "cuda", "triton", "python") if k in e)
+    lines = [f"# {title}", "", f"Measured on {where}; {versions}; commit {e['commit']}; {e['date']}.",
+             f"Command: `{command}`", "", "| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(k, "")) for k, _ in columns) + " |")
+    if notes:
+        lines += ["", notes]
+    Path(path).write_text("\n".join(lines) + "\n")
