@@ -24,7 +24,7 @@ setup(
     package_data={"ijepa_fast.configs": ["*.yaml"]},
     install_requires=["torch>=2.4", "pyyaml>=6", "pillow>=9", "numpy", "tqdm", "safetensors", "matplotlib"],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "triton>=3.2"],  # the kernel tests run under Triton's interpreter on CPU
         "triton": ["triton>=3.2"],
         "dali": ["nvidia-dali-cuda130"],
     },

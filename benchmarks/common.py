@@ -38,7 +38,7 @@ def cpu_name() -> str:
 def environment(device: str = "cpu") -> dict:
     import torch
 
-    env = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"), "commit": commit(),
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit(),
            "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     if device.startswith("cuda") and torch.cuda.is_available():

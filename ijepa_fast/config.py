@@ -49,6 +49,9 @@ class ModelConfig:
                     "(residual projections of block i divided by sqrt(2i))", ("released", "rescaled"))
     init_std: float = opt(0.02, "std of the trunc-normal init")
     attn: str = opt("sdpa", "attention implementation", ("sdpa", "math"))
+    kernels: str = opt("auto", "fused ops: 'auto' = Triton kernels on CUDA when Triton is installed, else the "
+                       "pure-torch references; 'triton' = always Triton; 'reference' = always the references",
+                       ("auto", "triton", "reference"))
 
 
 @dataclass
@@ -111,6 +114,8 @@ class RunConfig:
     device: str = opt("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     precision: str = opt("auto", "'auto' = bf16 autocast on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
     threads: int | None = opt(None, "CPU threads for torch (null = torch's default)")
+    deterministic: bool = opt(False, "bit-reproducible runs: deterministic scatter in the fused token gather, "
+                              "torch's deterministic algorithms (slower)")
     max_steps: int | None = opt(None, "stop after this many steps (schedules still span the full run)")
     log_every: int = opt(10, "steps between log rows")
     checkpoint_every: int = opt(0, "steps between checkpoints (0 = at the end of every epoch)")

@@ -21,32 +21,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .kernels.dispatch import BACKENDS
+from .kernels.ema import ema_update_
+from .kernels.gather_layernorm import gather_layernorm
+from .kernels.jepa_loss import jepa_loss as _jepa_loss
 from .masks import MaskBatch
 from .models import VisionTransformer, VisionTransformerPredictor, build_encoder, build_predictor
 from .models.layers import reinit_linear_and_norm
-from .models.vit import gather_tokens
 
 LOSSES = ("smooth_l1", "mse")
 
 
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1",
-              valid: torch.Tensor | None = None) -> torch.Tensor:
+              valid: torch.Tensor | None = None, backend: str = "reference") -> torch.Tensor:
     """Mean smooth-L1 (beta 1) or squared error over every element of the real target rows.
 
     pred, target: [R, L, D]; valid: optional bool [R, L], False at padding rows.
     """
-    if kind == "smooth_l1":
-        err = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
-    elif kind == "mse":
-        err = F.mse_loss(pred, target, reduction="none")
-    else:
+    if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
-    if valid is None:
-        return err.mean()
-    w = valid.unsqueeze(-1).to(err.dtype)
-    return (err * w).sum() / (w.sum() * err.shape[-1])
+    return _jepa_loss(pred, target, kind, valid, backend=backend)
 
 
 class IJEPA(nn.Module):
@@ -62,6 +57,20 @@ class IJEPA(nn.Module):
         self.target_encoder = target_encoder if target_encoder is not None else copy.deepcopy(encoder)
         self.target_encoder.requires_grad_(False)
         self.loss_type = loss_type
+        self.configure_kernels("auto")
+
+    def configure_kernels(self, backend: str = "auto", deterministic: bool = False) -> IJEPA:
+        """Choose the fused ops' implementation: 'auto' (Triton on CUDA), 'triton' or 'reference'.
+
+        ``deterministic`` makes the token gather's backward bit-reproducible (sorted, no atomics).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
+        self.kernels = backend
+        for enc in (self.encoder, self.target_encoder):
+            enc.kernels, enc.deterministic = backend, deterministic
+        self.predictor.kernels = backend
+        return self
 
     @classmethod
     def build(cls, name: str = "vit_huge", img_size=224, patch_size: int = 14, pred_depth: int = 12,
@@ -87,8 +96,9 @@ class IJEPA(nn.Module):
         extra = {}
         if m.name == "custom":
             extra = dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
-        return cls.build(m.name, cfg.data.crop_size, m.patch_size, m.pred_depth, m.pred_dim, m.pred_heads,
-                         m.init, cfg.optim.loss, m.attn, init_std=m.init_std, **extra)
+        model = cls.build(m.name, cfg.data.crop_size, m.patch_size, m.pred_depth, m.pred_dim, m.pred_heads,
+                          m.init, cfg.optim.loss, m.attn, init_std=m.init_std, **extra)
+        return model.configure_kernels(m.kernels, cfg.run.deterministic)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -96,28 +106,39 @@ class IJEPA(nn.Module):
 
     # -- the three forward passes
     @torch.no_grad()
-    def targets(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
-        """layer_norm(target_encoder(images)) at every target block: [K * M * B, Lt, D]."""
+    def targets(self, images: torch.Tensor, masks: MaskBatch, repeat: bool = True) -> torch.Tensor:
+        """layer_norm(target_encoder(images)) at every target block: [K * M * B, Lt, D] (with
+        ``repeat=False``, [K * B, Lt, D]: one copy for the M context blocks)."""
         h = self.target_encoder(images)
-        h = F.layer_norm(h, (h.shape[-1],))
         k, b, lt = masks.targets.shape
         m = masks.context.shape[0]
-        h = gather_tokens(h, masks.targets).reshape(k, 1, b, lt, -1)
-        return h.expand(k, m, b, lt, h.shape[-1]).reshape(k * m * b, lt, -1)
+        h = gather_layernorm(h, masks.targets.reshape(k * b, lt), backend=self.kernels)
+        return self._repeat(h, k, m) if repeat else h
+
+    @staticmethod
+    def _repeat(h: torch.Tensor, k: int, m: int) -> torch.Tensor:
+        """[K * B, Lt, D] -> [K * M * B, Lt, D]: the targets of each context block, block-major."""
+        if m == 1:
+            return h
+        kb, lt, d = h.shape
+        b = kb // k
+        return h.reshape(k, 1, b, lt, d).expand(k, m, b, lt, d).reshape(k * m * b, lt, d)
 
     def predict(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
         """Predictor output for every (target block, context block, image): [K * M * B, Lt, D]."""
-        ctx_valid = masks.context_valid()
-        z = self.encoder(images, masks.context, None if ctx_valid is None else ctx_valid.flatten(0, 1))
-        return self.predictor(z, masks.context, masks.targets, ctx_valid, masks.target_valid(), self.grid)
+        z = self.encoder(images, masks.context, masks.context_lens)
+        return self.predictor(z, masks.context, masks.targets, masks.context_lens, masks.target_lens, self.grid)
 
     def loss(self, images: torch.Tensor, masks: MaskBatch, return_outputs: bool = False):
         """The I-JEPA loss of a batch (a scalar), and optionally {'pred', 'target'}."""
-        target = self.targets(images, masks)
+        target = self.targets(images, masks, repeat=False)
         pred = self.predict(images, masks)
-        valid = self._row_valid(masks)
-        loss = jepa_loss(pred, target.to(pred.dtype), self.loss_type, valid)
-        return (loss, {"pred": pred, "target": target}) if return_outputs else loss
+        k, m = masks.targets.shape[0], masks.context.shape[0]
+        loss = _jepa_loss(pred, target, self.loss_type, self._row_valid(masks), repeat=m, num_targets=k,
+                          backend=self.kernels)
+        if not return_outputs:
+            return loss
+        return loss, {"pred": pred, "target": self._repeat(target, k, m)}
 
     @staticmethod
     def _row_valid(masks: MaskBatch):
@@ -130,11 +151,10 @@ class IJEPA(nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """target <- momentum * target + (1 - momentum) * encoder, over every parameter."""
-        tgt = list(self.target_encoder.parameters())
-        src = list(self.encoder.parameters())
-        torch._foreach_mul_(tgt, momentum)
-        torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+        """target <- momentum * target + (1 - momentum) * encoder, over every parameter (fp32
+        arithmetic; one fused kernel launch on CUDA)."""
+        ema_update_(list(self.target_encoder.parameters()), list(self.encoder.parameters()), momentum,
+                    backend=self.kernels)
 
 
 def param_groups(model: IJEPA) -> list[dict]:

@@ -17,6 +17,7 @@ from . import __version__
 from .checkpoint import CheckpointError, add_prefix, load_strict, read_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, dump_config
 from .data import build_source, make_loader, transform_from_config
+from .kernels.dispatch import describe as describe_kernels
 from .masks import MultiBlockSampler
 from .runlog import MetricsWriter, Progress, log, plot_metrics, setup_logging
 from .schedules import Schedules
@@ -52,6 +53,10 @@ class Trainer:
         self.device = resolve_device(cfg.run.device)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        if cfg.run.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
         self.run_dir = make_run_dir(cfg, config_name)
         setup_logging(self.run_dir, rank)
         dump_config(cfg, self.run_dir / "config.yaml")
@@ -78,6 +83,7 @@ class Trainer:
         n_pred = sum(p.numel() for p in m.predictor.parameters())
         log.info(f"ijepa-fast {__version__} | torch {torch.__version__} | device {self.device} | "
                  f"precision {c.run.precision} | threads {torch.get_num_threads()}")
+        log.info(describe_kernels(c.model.kernels, self.device) + (" | deterministic" if c.run.deterministic else ""))
         log.info(f"run folder: {self.run_dir}")
         log.info(f"model {c.model.name}/{c.model.patch_size} at {c.data.crop_size}px (grid {m.grid[0]}x{m.grid[1]}): "
                  f"encoder {n_enc / 1e6:.2f}M params, predictor {n_pred / 1e6:.2f}M "

@@ -5,6 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be chosen before
+# triton is first imported. With a GPU they run for real.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 

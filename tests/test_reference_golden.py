@@ -43,14 +43,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def run_golden_step(step_file, ckpt_file, attn="sdpa"):
+def run_golden_step(step_file, ckpt_file, attn="sdpa", kernels="reference"):
     """Everything the engine computes for the golden step, keyed like the golden file."""
     gold = torch.load(step_file, weights_only=False)
     cfg = gold["config"]
     enc, pred, tgt = models_from_checkpoint(read_checkpoint(ckpt_file), num_heads=cfg["num_heads"],
                                             pred_heads=cfg["pred_num_heads"], norm_eps=cfg["norm_eps"],
                                             attn_impl=attn)
-    model = IJEPA(enc, pred, tgt)
+    model = IJEPA(enc, pred, tgt).configure_kernels(kernels)
     masks = MaskBatch.from_lists(gold["masks_enc"], gold["masks_pred"])
     images = gold["images"]
     out = {"state_loaded": {n: {k: v.clone() for k, v in getattr(model, n).state_dict().items()}
@@ -60,8 +60,8 @@ def run_golden_step(step_file, ckpt_file, attn="sdpa"):
         out["context_encoder_out"] = model.encoder(images, masks.context)
     loss, parts = model.loss(images, masks, return_outputs=True)
     out["predictor_out"] = parts["pred"]
-    out["loss_smooth_l1"] = jepa_loss(parts["pred"], parts["target"], "smooth_l1")
-    out["loss_mse"] = jepa_loss(parts["pred"], parts["target"], "mse")
+    out["loss_smooth_l1"] = jepa_loss(parts["pred"], parts["target"], "smooth_l1", backend=kernels)
+    out["loss_mse"] = jepa_loss(parts["pred"], parts["target"], "mse", backend=kernels)
     loss.backward()
     out["grads"] = {n: {k: p.grad.clone() for k, p in getattr(model, n).named_parameters() if p.grad is not None}
                     for n in ("encoder", "predictor")}
@@ -70,7 +70,7 @@ def run_golden_step(step_file, ckpt_file, attn="sdpa"):
     # the update rule, from the reference's gradients and the loaded start state
     enc2, pred2, tgt2 = models_from_checkpoint(read_checkpoint(ckpt_file), num_heads=cfg["num_heads"],
                                                pred_heads=cfg["pred_num_heads"], norm_eps=cfg["norm_eps"])
-    model2 = IJEPA(enc2, pred2, tgt2)
+    model2 = IJEPA(enc2, pred2, tgt2).configure_kernels(kernels)
     for part, grads in gold["grads"].items():
         for k, p in getattr(model2, part).named_parameters():
             if k in grads:

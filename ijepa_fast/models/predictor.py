@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..kernels.predictor_tokens import predictor_tokens
+from .attention import key_mask_from_lengths
 from .layers import Block, rescale_residual_projections, trunc_normal_, trunc_normal_init
 from .pos_embed import interpolate_pos_embed, sincos_2d
-from .vit import as_pair, gather_tokens
+from .vit import as_pair
 
 
 class VisionTransformerPredictor(nn.Module):
@@ -30,45 +32,42 @@ class VisionTransformerPredictor(nn.Module):
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=norm_eps)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
         self.init_std = init_std
+        self.kernels = "auto"  # kernel backend of the fused ops (see ijepa_fast.kernels.dispatch)
         trunc_normal_(self.mask_token, init_std)
         self.apply(lambda m: trunc_normal_init(m, init_std))
         rescale_residual_projections(self.predictor_blocks)
 
     def forward(self, z: torch.Tensor, context: torch.Tensor, targets: torch.Tensor,
-                context_valid: torch.Tensor | None = None, target_valid: torch.Tensor | None = None,
+                context_lens: torch.Tensor | None = None, target_lens: torch.Tensor | None = None,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Predict target features.
 
         z: [M * B, Lc, D] context-encoder output; context: [M, B, Lc] and targets: [K, B, Lt] patch
-        indices; context_valid / target_valid: optional bool [M, B, Lc] / [K, B, Lt], False at
-        padding. Returns [K * M * B, Lt, D].
+        indices; context_lens / target_lens: optional [M, B] / [K, B] numbers of real indices (the
+        rest is padding). Returns [K * M * B, Lt, D].
         """
         m, b, lc = context.shape
         k, _, lt = targets.shape
-        pos = interpolate_pos_embed(self.predictor_pos_embed, self.grid, grid or self.grid)
-        pos = pos.to(z.dtype).expand(b, -1, -1)
-        x = self.predictor_embed(z) + gather_tokens(pos, context)  # [M * B, Lc, Dp]
-        tgt = gather_tokens(pos, targets)  # [K * B, Lt, Dp]
-        tgt = tgt.reshape(k, 1, b, lt, -1).expand(k, m, b, lt, -1).reshape(k * m * b, lt, -1)
-        tgt = tgt + self.mask_token.to(z.dtype)
-        x = torch.cat([x.repeat(k, 1, 1), tgt], dim=1)  # [K * M * B, Lc + Lt, Dp]
-        key_valid = self._key_valid(context_valid, target_valid, k, m, b, lc, lt, z.device)
+        pos = interpolate_pos_embed(self.predictor_pos_embed, self.grid, grid or self.grid)[0].detach()
+        x = predictor_tokens(self.predictor_embed(z), context.reshape(m * b, lc), targets.reshape(k * b, lt),
+                             self.mask_token, pos, k, backend=self.kernels)  # [K * M * B, Lc + Lt, Dp]
+        key_valid = self._key_valid(context_lens, target_lens, k, m, b, lc, lt)
         for blk in self.predictor_blocks:
             x = blk(x, key_valid)
         x = self.predictor_norm(x[:, lc:])
         return self.predictor_proj(x)
 
     @staticmethod
-    def _key_valid(context_valid, target_valid, k, m, b, lc, lt, device):
-        if context_valid is None and target_valid is None:
+    def _key_valid(context_lens, target_lens, k, m, b, lc, lt):
+        """bool [K * M * B, Lc + Lt], False at padding; None when nothing is padded."""
+        if context_lens is None and target_lens is None:
             return None
-        if context_valid is None:
-            context_valid = torch.ones(m, b, lc, dtype=torch.bool, device=device)
-        if target_valid is None:
-            target_valid = torch.ones(k, b, lt, dtype=torch.bool, device=device)
-        ctx = context_valid.reshape(1, m * b, lc).expand(k, -1, -1).reshape(k * m * b, lc)
-        tgt = target_valid.reshape(k, 1, b, lt).expand(k, m, b, lt).reshape(k * m * b, lt)
-        return torch.cat([ctx, tgt], dim=1)
+        ref = context_lens if context_lens is not None else target_lens
+        ctx_len = context_lens if context_lens is not None else torch.full((m, b), lc, device=ref.device)
+        tgt_len = target_lens if target_lens is not None else torch.full((k, b), lt, device=ref.device)
+        ctx = key_mask_from_lengths(ctx_len.reshape(m * b), lc).repeat(k, 1)
+        tgt = key_mask_from_lengths(tgt_len.reshape(k * b), lt).reshape(k, 1, b, lt).expand(k, m, b, lt)
+        return torch.cat([ctx, tgt.reshape(k * m * b, lt)], dim=1)
 
 
 def build_predictor(grid, embed_dim: int, num_heads: int, predictor_embed_dim: int = 384, depth: int = 6,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..kernels.gather_tokens import gather_tokens as gather_tokens_op
+from .attention import key_mask_from_lengths
 from .layers import Block, PatchEmbed, rescale_residual_projections, trunc_normal_init
 from .pos_embed import interpolate_pos_embed, sincos_2d
 
@@ -43,14 +45,6 @@ def as_pair(x) -> tuple[int, int]:
     return x
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D], idx [M, B, L] -> [M * B, L, D]: one batch of rows per index set, stacked."""
-    m, b, length = idx.shape
-    rows = x.unsqueeze(0).expand(m, -1, -1, -1)
-    out = torch.gather(rows, 2, idx.unsqueeze(-1).expand(m, b, length, x.shape[-1]))
-    return out.reshape(m * b, length, x.shape[-1])
-
-
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -71,6 +65,8 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.num_patches = num_patches
         self.init_std = init_std
+        self.kernels = "auto"  # kernel backend of the fused ops (see ijepa_fast.kernels.dispatch)
+        self.deterministic = False  # deterministic scatter in the token gather's backward
         self.apply(lambda m: trunc_normal_init(m, init_std))
         rescale_residual_projections(self.blocks)
 
@@ -79,17 +75,26 @@ class VisionTransformer(nn.Module):
         return interpolate_pos_embed(self.pos_embed, self.grid, grid)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                context_lens: torch.Tensor | None = None) -> torch.Tensor:
         """Encode images.
 
         x: [B, C, H, W]. context: optional [M, B, L] patch indices (M context blocks); the encoder
-        then sees only those tokens and returns [M * B, L, D] (block-major rows). key_valid:
-        optional bool [M * B, L], False at padding positions. Without ``context``: [B, N, D].
+        then sees only those tokens and returns [M * B, L, D] (block-major rows). context_lens:
+        optional [M, B] numbers of real indices (the rest is padding, masked out of attention).
+        Without ``context``: [B, N, D].
         """
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        tokens = self.patch_embed(x) + self.pos_for(grid).to(x.dtype)
-        if context is not None:
-            tokens = gather_tokens(tokens, context)
+        tokens = self.patch_embed(x)
+        pos = self.pos_for(grid).to(x.dtype)
+        key_valid = None
+        if context is None:
+            tokens = tokens + pos
+        else:  # select the context tokens and add their positional rows in one pass
+            m, b, length = context.shape
+            lens = None if context_lens is None else context_lens.reshape(m * b)
+            tokens = gather_tokens_op(tokens, context.reshape(m * b, length), pos[0].detach(), lens,
+                                      deterministic=self.deterministic, backend=self.kernels)
+            key_valid = None if lens is None else key_mask_from_lengths(lens, length)
         for blk in self.blocks:
             tokens = blk(tokens, key_valid)
         return self.norm(tokens)
