@@ -80,6 +80,9 @@ def save_atomic(obj, path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -145,6 +148,8 @@ def encoder_from_checkpoint(path_or_ckpt, which: str = "target_encoder", num_hea
         raise ValueError(f"which must be 'target_encoder' or 'encoder', got {which!r}")
     if which not in ckpt:
         raise CheckpointError(f"the checkpoint has no {which!r} entry (it has {sorted(ckpt)})")
+    if num_heads is None:
+        num_heads = (ckpt.get("ijepa_fast") or {}).get("num_heads")  # ours record it; published ones are standard
     enc = VisionTransformer(**encoder_spec(ckpt[which], num_heads), **kw)
     load_strict(enc, ckpt[which], which)
     return enc
@@ -155,7 +160,8 @@ def models_from_checkpoint(path_or_ckpt, num_heads: int | None = None, pred_head
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read_checkpoint(path_or_ckpt)
     enc = encoder_from_checkpoint(ckpt, "encoder", num_heads, **kw)
     tgt = encoder_from_checkpoint(ckpt, "target_encoder", enc.num_heads, **kw)
-    pred = VisionTransformerPredictor(**predictor_spec(ckpt["predictor"], pred_heads or enc.num_heads), **kw)
+    pred_heads = pred_heads or (ckpt.get("ijepa_fast") or {}).get("pred_heads") or enc.num_heads
+    pred = VisionTransformerPredictor(**predictor_spec(ckpt["predictor"], pred_heads), **kw)
     load_strict(pred, ckpt["predictor"], "predictor")
     return enc, pred, tgt
 

@@ -35,11 +35,13 @@ def _load(args) -> tuple[object, str]:
     extra = []
     if getattr(args, "data", None):
         extra += ["data.source=folder", f"data.path={args.data}"]
+        if config is None:  # the demo decodes nothing; real images are decoded in worker processes
+            extra.append("data.num_workers=8")
     if getattr(args, "run_dir", None):
         extra.append(f"run.dir={args.run_dir}")
     if getattr(args, "device", None):
         extra.append(f"run.device={args.device}")
-    if getattr(args, "steps", None):
+    if getattr(args, "steps", None) is not None:
         extra.append(f"run.max_steps={args.steps}")
     name = config or DEFAULT_CONFIG
     cfg = load_config(name, extra + overrides)
@@ -114,7 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may follow options (train CONFIG --data D optim.lr=1e-4): collect the stray ones
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.args = list(getattr(args, "args", [])) + rest
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data.images import DataError

@@ -75,17 +75,18 @@ class IJEPA(nn.Module):
     @classmethod
     def build(cls, name: str = "vit_huge", img_size=224, patch_size: int = 14, pred_depth: int = 12,
               pred_dim: int = 384, pred_heads: int | None = None, init: str = "released", loss: str = "smooth_l1",
-              attn: str = "sdpa", **encoder_kw) -> IJEPA:
+              attn: str = "sdpa", init_std: float = 0.02, **encoder_kw) -> IJEPA:
         """Fresh models, initialised as the released training script does (``init='released'``)."""
         if name == "custom":
-            encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, attn_impl=attn, **encoder_kw)
+            encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, attn_impl=attn, init_std=init_std,
+                                        **encoder_kw)
         else:
-            encoder = build_encoder(name, img_size, patch_size, attn_impl=attn, **encoder_kw)
+            encoder = build_encoder(name, img_size, patch_size, attn_impl=attn, init_std=init_std, **encoder_kw)
         predictor = build_predictor(encoder.grid, encoder.embed_dim, pred_heads or encoder.num_heads,
-                                    pred_dim, pred_depth, attn_impl=attn)
+                                    pred_dim, pred_depth, attn_impl=attn, init_std=init_std)
         if init == "released":
-            reinit_linear_and_norm(encoder)
-            reinit_linear_and_norm(predictor)
+            reinit_linear_and_norm(encoder, init_std)
+            reinit_linear_and_norm(predictor, init_std)
         elif init != "rescaled":
             raise ValueError(f"unknown init {init!r}; use 'released' or 'rescaled'")
         return cls(encoder, predictor, loss_type=loss)
@@ -127,7 +128,9 @@ class IJEPA(nn.Module):
     def predict(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
         """Predictor output for every (target block, context block, image): [K * M * B, Lt, D]."""
         z = self.encoder(images, masks.context, masks.context_lens)
-        return self.predictor(z, masks.context, masks.targets, masks.context_lens, masks.target_lens, self.grid)
+        p = self.encoder.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        return self.predictor(z, masks.context, masks.targets, masks.context_lens, masks.target_lens, grid)
 
     def loss(self, images: torch.Tensor, masks: MaskBatch, return_outputs: bool = False):
         """The I-JEPA loss of a batch (a scalar), and optionally {'pred', 'target'}."""

@@ -57,6 +57,8 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        side = cfg.data.crop_size // cfg.model.patch_size  # checked before anything is written
+        self.sampler = MultiBlockSampler((side, side), cfg.mask, seed=cfg.run.seed, rank=rank)
         self.run_dir = make_run_dir(cfg, config_name)
         setup_logging(self.run_dir, rank)
         dump_config(cfg, self.run_dir / "config.yaml")
@@ -70,7 +72,6 @@ class Trainer:
         o = cfg.optim
         self.optimizer = make_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps)
         self.schedules = Schedules.from_config(o, self.steps_per_epoch)
-        self.sampler = MultiBlockSampler(self.model.grid, cfg.mask, seed=cfg.run.seed, rank=rank)
         self.step = 0
         self.latest = self.run_dir / f"{cfg.run.tag}-latest.pth.tar"
         self._describe()
@@ -131,6 +132,7 @@ class Trainer:
     def save(self, loss_avg: float) -> Path:
         c = self.cfg
         m = self.model
+        self.sampler.step = self.step  # workers drew by step number; the next draw is this step's
         epoch = self.step // self.steps_per_epoch
         state = {
             "encoder": add_prefix(m.encoder.state_dict()),

@@ -31,10 +31,11 @@ def _target_rows(r: int, repeat: int, num_targets: int, device):
 
 
 def jepa_loss_reference(pred, target, kind="smooth_l1", valid=None, repeat: int = 1, num_targets: int = 1):
-    """Plain torch: the same mean as F.smooth_l1_loss / F.mse_loss over the real elements."""
+    """Plain torch: the same mean as F.smooth_l1_loss / F.mse_loss over the real elements, in fp32
+    (under autocast the reference's loss runs in fp32 against fp32 targets)."""
     if repeat > 1:
         target = target[_target_rows(pred.shape[0], repeat, num_targets, pred.device)]
-    target = target.to(pred.dtype)
+    pred, target = pred.float(), target.float()
     if kind == "smooth_l1":
         err = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
     elif kind == "mse":

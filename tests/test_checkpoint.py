@@ -107,3 +107,20 @@ def test_checkpoint_export_safetensors(tmp_path):
         assert torch.equal(f.get_tensor("norm.weight"), m.target_encoder.norm.weight)
         meta = f.metadata()
     assert meta["which"] == "target_encoder" and meta["patch_size"] == "8" and meta["num_heads"] == "2"
+
+
+def test_checkpoint_own_files_build_without_head_counts(tmp_path):
+    m = small()
+    save_atomic(published_layout(m) | {"ijepa_fast": {"num_heads": 2, "pred_heads": 2}}, tmp_path / "c.pth.tar")
+    enc, pred, _ = models_from_checkpoint(tmp_path / "c.pth.tar")
+    assert enc.num_heads == 2 and pred.predictor_blocks[0].attn.num_heads == 2
+    assert encoder_from_checkpoint(tmp_path / "c.pth.tar").num_heads == 2
+
+
+def test_checkpoint_file_permissions_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_atomic({"encoder": {}}, tmp_path / "c.pth.tar")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pth.tar").stat().st_mode & 0o777 == 0o644

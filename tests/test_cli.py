@@ -61,3 +61,12 @@ def test_cli_export_safetensors(tmp_path):
     state = load_file(str(tmp_path / "enc.safetensors"))
     ckpt = torch.load(tmp_path / "run" / "jepa-latest.pth.tar", weights_only=True)
     assert torch.equal(state["norm.weight"], ckpt["target_encoder"]["module.norm.weight"])
+
+
+def test_cli_overrides_may_follow_options(tmp_path):
+    out = run_cli("config", "demo_cpu", "--data", tmp_path, "optim.lr=5e-4", "data.batch_size=16").stdout
+    assert "lr: 0.0005" in out and "batch_size: 16" in out and str(tmp_path) in out
+    p = run_cli("config", "demo_cpu", "--bogus", check=False)
+    assert p.returncode == 2 and "unrecognized arguments: --bogus" in p.stderr
+    p = run_cli("train", "mask.min_keep=40", "--run-dir", tmp_path / "never", check=False)
+    assert p.returncode == 2 and "mask.min_keep=40" in p.stderr and not (tmp_path / "never").exists()

@@ -24,11 +24,13 @@ def test_config_published_recipes(name, model, patch, crop, batch, epochs, warmu
     assert (c.model.name, c.model.patch_size, c.data.crop_size, c.data.batch_size) == (model, patch, crop, batch)
     assert (c.optim.epochs, c.optim.warmup, c.model.pred_depth) == (epochs, warmup, pred_depth)
     assert (c.optim.weight_decay, c.optim.final_weight_decay) == (0.04, 0.4)
+    assert c.mask.mode == "reference" and c.mask.min_keep == 10  # the released sampler
 
 
 def test_config_seed_article_variant():
     c = load_config("seed_article_vith14")
     assert (c.optim.loss, c.optim.ema_schedule, c.data.hflip, c.optim.warmup) == ("mse", "cosine", True, 15)
+    assert c.optim.start_lr == 0.0
     assert c.model.name == "vit_huge" and c.optim.epochs == 300  # the rest comes from its base
 
 

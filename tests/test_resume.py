@@ -18,6 +18,7 @@ def test_resume_is_bit_exact_mid_epoch(tmp_path):
     run_cli("train", "--run-dir", tmp_path / "split", "--steps", "5", *TINY)
     ckpt5, _ = _states(tmp_path / "split" / "jepa-latest.pth.tar")
     assert ckpt5["ijepa_fast"]["step"] == 5 and ckpt5["ijepa_fast"]["data"] == {"epoch": 0, "batch": 5}
+    assert ckpt5["ijepa_fast"]["sampler"]["step"] == 5  # the next masks drawn are step 5's
     p = run_cli("train", "--run-dir", tmp_path / "split", "--steps", "10", *TINY)
     assert "resumed from" in p.stderr and "at step 5" in p.stderr
     a, sa = _states(tmp_path / "straight" / "jepa-latest.pth.tar")

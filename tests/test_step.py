@@ -122,3 +122,31 @@ def test_step_api_reference_list_masks_round_trip():
     assert len(enc) == 1 and len(pred) == 4 and enc[0].shape[0] == 3
     again = MaskBatch.from_lists(enc, pred)
     assert torch.equal(again.context, masks.context) and torch.equal(again.targets, masks.targets)
+
+
+def test_step_bf16_autocast_keeps_fp32_targets_and_loss():
+    """Under bf16 autocast the targets stay fp32 and the loss is computed in fp32 (as the reference)."""
+    model = small_model()
+    masks = MultiBlockSampler(model.grid, MaskConfig(min_keep=4))(2)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, out = model.loss(images, masks, return_outputs=True)
+    assert out["pred"].dtype == torch.bfloat16 and out["target"].dtype == torch.float32
+    expected = F.smooth_l1_loss(out["pred"].float(), out["target"])
+    assert loss.dtype == torch.float32 and torch.allclose(loss, expected, rtol=1e-6)
+
+
+def test_step_other_resolution_uses_the_predictor_table_of_that_grid():
+    model = small_model(attn="math")  # native 8x8 grid
+    masks = MultiBlockSampler((12, 12), MaskConfig(min_keep=4))(2)
+    loss = model.loss(torch.randn(2, 3, 48, 48), masks)
+    assert torch.isfinite(loss)
+    assert int(masks.targets.max()) >= 64  # indices only the 12x12 table has
+
+
+def test_step_init_std_reaches_every_module():
+    m = IJEPA.build("custom", img_size=32, patch_size=4, pred_depth=1, pred_dim=48, embed_dim=96, depth=1,
+                    num_heads=3, init_std=0.1)
+    for w in (m.encoder.blocks[0].attn.qkv.weight, m.predictor.predictor_blocks[0].mlp.fc1.weight,
+              m.predictor.predictor_embed.weight, m.encoder.patch_embed.proj.weight):
+        assert w.std().item() == pytest.approx(0.1, rel=0.1)

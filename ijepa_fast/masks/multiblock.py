@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ConfigError
 from .rng import MASK64, Stream, derive
 
 MODES = ("default", "reference")
@@ -118,6 +119,7 @@ class MultiBlockSampler:
         self.seed = int(seed)
         self.rank = int(rank)
         self.step = 0  # the step whose masks the next call draws
+        self._check_config()
 
     # -- state, for checkpoints
     def state_dict(self) -> dict:
@@ -159,16 +161,29 @@ class MultiBlockSampler:
         full = bool((lens == lens.max()).all())
         return MaskBatch(context[..., : int(lens.max())], targets, None if full else lens)
 
+    def _check_config(self):
+        """Every block size the scales can give must keep more than min_keep patches; checked once,
+        at start-up, over a fine sweep of the uniform draw (the sizes are piecewise constant in it)."""
+        c = self.cfg
+        sweep = [i / 1000 for i in range(1001)]
+        tgt = min((block_size(r, c.target_scale, c.target_aspect, self.grid) for r in sweep), key=lambda s: s[0] * s[1])
+        ctx = min((block_size(r, c.context_scale, (1.0, 1.0), self.grid) for r in sweep), key=lambda s: s[0] * s[1])
+        try:
+            self._check_sizes(*tgt, *ctx)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def _check_sizes(self, th, tw, ch, cw):
         k = self.cfg.min_keep
         if th * tw <= k:
             raise ValueError(
-                f"target blocks of {th}x{tw} patches on a {self.grid[0]}x{self.grid[1]} grid never keep more than "
-                f"mask.min_keep={k} patches; raise mask.target_scale, use a finer grid or lower mask.min_keep")
+                f"mask.min_keep={k}: target blocks can be as small as {th}x{tw} patches on this "
+                f"{self.grid[0]}x{self.grid[1]} grid and never keep more than {k}; lower mask.min_keep, raise "
+                f"mask.target_scale or use a finer grid (smaller patches or larger images)")
         if ch * cw <= k:
             raise ValueError(
-                f"context blocks of {ch}x{cw} patches never keep more than mask.min_keep={k} patches; "
-                f"raise mask.context_scale or lower mask.min_keep")
+                f"mask.min_keep={k}: context blocks can be as small as {ch}x{cw} patches and never keep more than "
+                f"{k}; lower mask.min_keep or raise mask.context_scale")
 
     def _draw_image(self, st: Stream, th, tw, ch, cw, shift):
         """One image's draws: target corners, then each context block's corner and how many

@@ -5,8 +5,10 @@ the same seed, so neither uses a library generator. Everything here is unsigned 
 arithmetic (modulo 2**64) and IEEE double arithmetic:
 
 - ``splitmix64(x)``: ``x += 0x9E3779B97F4A7C15``, then the splitmix64 finaliser of ``x``.
-- ``derive(seed, *words)``: ``s = seed``; for each word ``s = splitmix64(s ^ word)``. Every stream
-  is named by such a key, so any batch or image can be drawn without drawing the ones before it.
+- ``derive(seed, *words)``: ``s = splitmix64(seed)``; for each word ``s = splitmix64(s ^ word)``.
+  Every stream is named by such a key, so any batch or image can be drawn without drawing the
+  ones before it. (Hashing the seed first keeps (seed, step) pairs apart: without it seed 0 at
+  step 1 and seed 1 at step 0 would name the same stream.)
 - A ``Stream`` with state ``s`` returns ``splitmix64(s + i * 0x9E3779B97F4A7C15)`` for its
   ``i``-th draw (i = 0, 1, ...).
 - ``uniform()``: ``(u >> 11) * 2**-53``, in [0, 1).
@@ -26,7 +28,7 @@ def splitmix64(x: int) -> int:
 
 
 def derive(seed: int, *words: int) -> int:
-    s = seed & MASK64
+    s = splitmix64(seed & MASK64)
     for w in words:
         s = splitmix64(s ^ (w & MASK64))
     return s
