@@ -3,6 +3,7 @@
     ijepa-fast train [CONFIG] [section.key=value ...] [--data DIR]   train (no CONFIG: the CPU demo)
     ijepa-fast config [CONFIG] [section.key=value ...] [--describe]  print the resolved config / every option
     ijepa-fast export CHECKPOINT OUT.safetensors [--which encoder]   export an encoder as safetensors
+    ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
 
 CONFIG is a YAML path or the name of a built-in config (``ijepa-fast config --list``).
 """
@@ -83,6 +84,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from .bench import PUBLISHED_BATCH, BenchSpec, check_model, matmul_peak_tflops, run
+
+    check_model(args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peak = matmul_peak_tflops(device)
+    masks = ("reference", "default") if args.masks == "both" else (args.masks,)
+    paths = (False, True) if args.paths == "both" else (args.paths == "fast",)
+    patch = args.patch or (14 if args.model == "vit_huge" else 16)
+    for mode in masks:
+        for fast in paths:
+            spec = BenchSpec(args.model, patch, args.img, args.batch or PUBLISHED_BATCH[args.model], args.pred_depth,
+                             mode, fast, args.steps, args.warmup, str(device))
+            row = run(spec, peak)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -112,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--which", default="target_encoder", choices=("target_encoder", "encoder"))
     e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="time the training step: images/s, tokens/s, TFLOP/s, MFU, memory, GPU-hours",
+                       description="Times training steps on synthetic images, one JSON object per line.")
+    b.add_argument("--model", default="vit_huge")
+    b.add_argument("--patch", type=int, help="default: 14 for vit_huge, else 16")
+    b.add_argument("--img", type=int, default=224)
+    b.add_argument("--batch", type=int, help="default: the published per-GPU batch of the model")
+    b.add_argument("--pred-depth", type=int, default=12)
+    b.add_argument("--masks", default="both", choices=("reference", "default", "both"))
+    b.add_argument("--paths", default="both", choices=("plain", "fast", "both"),
+                   help="the plain step, the fast paths (kernels, packing, bf16 weights, compile), or both")
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    b.add_argument("--out", help="also append the JSON lines to this file")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -49,6 +49,12 @@ class ModelConfig:
                     "(residual projections of block i divided by sqrt(2i))", ("released", "rescaled"))
     init_std: float = opt(0.02, "std of the trunc-normal init")
     attn: str = opt("sdpa", "attention implementation", ("sdpa", "math"))
+    layout: str = opt("auto", "context sequences of different lengths: 'packed' (concatenated, no padding, "
+                      "variable-length attention), 'padded' (to the longest, key masks), 'auto' (packed whenever "
+                      "lengths differ)", ("auto", "padded", "packed"))
+    varlen_attn: str = opt("auto", "attention over packed sequences: 'auto' tries flash_attn, torch_varlen, "
+                           "xformers, nested (any device), then padded", ("auto", "flash_attn", "torch_varlen",
+                                                                           "xformers", "nested", "padded", "math"))
     kernels: str = opt("auto", "fused ops: 'auto' = Triton kernels on CUDA when Triton is installed, else the "
                        "pure-torch references; 'triton' = always Triton; 'reference' = always the references",
                        ("auto", "triton", "reference"))
@@ -105,6 +111,19 @@ class OptimConfig:
 
 
 @dataclass
+class PerfConfig:
+    bf16_weights: bool = opt(False, "run forward and backward on a bf16 copy of the weights without autocast (bf16 "
+                             "activations and residual stream); fp32 master weights stay in the optimiser, the EMA "
+                             "and the checkpoints")
+    activation_checkpointing: bool = opt(False, "recompute each encoder and predictor block in the backward pass "
+                                         "(less memory, about a third more compute)")
+    compile: bool = opt(False, "torch.compile each transformer block (dynamic shapes: no recompiles as lengths "
+                        "change)")
+    optimizer: str = opt("auto", "AdamW implementation: 'auto' = fused on CUDA, foreach elsewhere",
+                         ("auto", "fused", "foreach", "single"))
+
+
+@dataclass
 class RunConfig:
     out_dir: str = opt("runs", "parent folder of run folders")
     name: str | None = opt(None, "run folder name (null = config name and a timestamp)")
@@ -132,6 +151,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:

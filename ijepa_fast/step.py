@@ -28,7 +28,11 @@ from .kernels.gather_layernorm import gather_layernorm
 from .kernels.jepa_loss import jepa_loss as _jepa_loss
 from .masks import MaskBatch
 from .models import VisionTransformer, VisionTransformerPredictor, build_encoder, build_predictor
-from .models.layers import reinit_linear_and_norm
+from .models.layers import Attention, reinit_linear_and_norm
+from .models.varlen import BACKENDS as VARLEN_BACKENDS
+from .packing import PackedMasks, pack
+
+LAYOUTS = ("auto", "padded", "packed")
 
 LOSSES = ("smooth_l1", "mse")
 
@@ -58,6 +62,23 @@ class IJEPA(nn.Module):
         self.target_encoder.requires_grad_(False)
         self.loss_type = loss_type
         self.configure_kernels("auto")
+        self.configure_layout("auto", "auto")
+
+    def configure_layout(self, layout: str = "auto", varlen_attn: str = "auto") -> IJEPA:
+        """How context sequences of different lengths run: 'packed' (concatenated, no padding,
+        variable-length attention by ``varlen_attn``), 'padded' (to the longest, with key masks),
+        or 'auto' (packed whenever lengths differ and a fused variable-length attention kernel can
+        run: on CUDA with flash-attn, PyTorch's varlen_attn or xformers; padded otherwise, since
+        nested-tensor attention on the CPU is slower than the padding it saves)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+        if varlen_attn not in VARLEN_BACKENDS:
+            raise ValueError(f"unknown varlen attention backend {varlen_attn!r}; choose one of {VARLEN_BACKENDS}")
+        self.layout = layout
+        for mod in self.modules():
+            if isinstance(mod, Attention):
+                mod.varlen_impl = varlen_attn
+        return self
 
     def configure_kernels(self, backend: str = "auto", deterministic: bool = False) -> IJEPA:
         """Choose the fused ops' implementation: 'auto' (Triton on CUDA), 'triton' or 'reference'.
@@ -99,6 +120,7 @@ class IJEPA(nn.Module):
             extra = dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
         model = cls.build(m.name, cfg.data.crop_size, m.patch_size, m.pred_depth, m.pred_dim, m.pred_heads,
                           m.init, cfg.optim.loss, m.attn, init_std=m.init_std, **extra)
+        model.configure_layout(m.layout, m.varlen_attn)
         return model.configure_kernels(m.kernels, cfg.run.deterministic)
 
     @property
@@ -106,13 +128,35 @@ class IJEPA(nn.Module):
         return self.encoder.grid
 
     # -- the three forward passes
+    def prepare(self, masks: MaskBatch | PackedMasks) -> MaskBatch | PackedMasks:
+        """The masks in the layout this model runs them in (packing them if it should)."""
+        if isinstance(masks, PackedMasks):
+            return masks
+        if self.layout == "packed" or (self.layout == "auto" and masks.context_lens is not None
+                                        and self._fused_varlen()):
+            return pack(masks)
+        return masks
+
+    def _fused_varlen(self) -> bool:
+        from .models.varlen import available
+
+        dev = next(self.parameters()).device
+        probe = torch.empty(0, device=dev, dtype=torch.bfloat16)
+        return any(available(b, probe) for b in ("flash_attn", "torch_varlen", "xformers"))
+
+    @staticmethod
+    def _dims(masks) -> tuple[int, int, int, int]:
+        """(K target blocks, M context blocks, B images, Lt target positions)."""
+        k, b, lt = masks.targets.shape
+        m = masks.ctx_meta.num_seqs // b if isinstance(masks, PackedMasks) else masks.context.shape[0]
+        return k, m, b, lt
+
     @torch.no_grad()
-    def targets(self, images: torch.Tensor, masks: MaskBatch, repeat: bool = True) -> torch.Tensor:
+    def targets(self, images: torch.Tensor, masks, repeat: bool = True) -> torch.Tensor:
         """layer_norm(target_encoder(images)) at every target block: [K * M * B, Lt, D] (with
         ``repeat=False``, [K * B, Lt, D]: one copy for the M context blocks)."""
         h = self.target_encoder(images)
-        k, b, lt = masks.targets.shape
-        m = masks.context.shape[0]
+        k, m, b, lt = self._dims(masks)
         h = gather_layernorm(h, masks.targets.reshape(k * b, lt), backend=self.kernels)
         return self._repeat(h, k, m) if repeat else h
 
@@ -125,20 +169,28 @@ class IJEPA(nn.Module):
         b = kb // k
         return h.reshape(k, 1, b, lt, d).expand(k, m, b, lt, d).reshape(k * m * b, lt, d)
 
-    def predict(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, masks) -> torch.Tensor:
         """Predictor output for every (target block, context block, image): [K * M * B, Lt, D]."""
-        z = self.encoder(images, masks.context, masks.context_lens)
+        masks = self.prepare(masks)
         p = self.encoder.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
+        if isinstance(masks, PackedMasks):
+            z = self.encoder.forward_packed(images, masks.ctx_idx, masks.ctx_meta)
+            return self.predictor.forward_packed(z, masks, grid)
+        z = self.encoder(images, masks.context, masks.context_lens)
         return self.predictor(z, masks.context, masks.targets, masks.context_lens, masks.target_lens, grid)
 
-    def loss(self, images: torch.Tensor, masks: MaskBatch, return_outputs: bool = False):
-        """The I-JEPA loss of a batch (a scalar), and optionally {'pred', 'target'}."""
+    def loss(self, images: torch.Tensor, masks, return_outputs: bool = False):
+        """The I-JEPA loss of a batch (a scalar), and optionally {'pred', 'target'}.
+
+        ``masks``: a MaskBatch (packed here when the layout says so) or an already PackedMasks.
+        """
+        masks = self.prepare(masks)
         target = self.targets(images, masks, repeat=False)
         pred = self.predict(images, masks)
-        k, m = masks.targets.shape[0], masks.context.shape[0]
-        loss = _jepa_loss(pred, target, self.loss_type, self._row_valid(masks), repeat=m, num_targets=k,
-                          backend=self.kernels)
+        k, m, _, _ = self._dims(masks)
+        valid = None if isinstance(masks, PackedMasks) else self._row_valid(masks)
+        loss = _jepa_loss(pred, target, self.loss_type, valid, repeat=m, num_targets=k, backend=self.kernels)
         if not return_outputs:
             return loss
         return loss, {"pred": pred, "target": self._repeat(target, k, m)}
@@ -175,12 +227,16 @@ def param_groups(model: IJEPA) -> list[dict]:
 
 
 def make_optimizer(model: IJEPA, lr: float = 1e-3, weight_decay: float = 0.04, betas=(0.9, 0.999),
-                   eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over the reference's parameter groups (the schedules set lr and weight decay each step)."""
+                   eps: float = 1e-8, impl: str = "auto") -> torch.optim.AdamW:
+    """AdamW over the reference's parameter groups (the schedules set lr and weight decay each step).
+
+    impl: 'fused' (one kernel, CUDA), 'foreach', 'single' (a loop), or 'auto' (torch's choice).
+    """
     groups = param_groups(model)
     for g in groups:
         g.setdefault("weight_decay", weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"} if impl != "auto" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kw)
 
 
 @dataclass
@@ -200,21 +256,31 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Tensor, masks: MaskBatch,
-               step: int, schedules, precision: str = "auto", grad_clip: float | None = None) -> StepResult:
+               step: int, schedules, precision: str = "auto", grad_clip: float | None = None,
+               master=None) -> StepResult:
     """One step: set LR/WD, forward, backward, (clip), AdamW, EMA update of the target encoder.
+
+    ``master``: a ``perf.MasterWeights`` whose fp32 ``master`` is ``model`` (the optimiser's): the
+    forward and backward then run on its bf16 compute copy without autocast.
 
     Raises FloatingPointError, before the optimiser or the target encoder is touched, when the
     loss is not finite.
     """
     lr, wd = schedules.apply(optimizer, step)
-    dtype = autocast_dtype(images.device, precision)
-    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = model.loss(images, masks)
+    if master is not None:
+        loss = master.compute.loss(images.to(master.dtype), masks)
+    else:
+        dtype = autocast_dtype(images.device, precision)
+        with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model.loss(images, masks)
     value = float(loss.detach())
     if not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
+        (master.compute if master is not None else model).zero_grad(set_to_none=True)
         raise FloatingPointError(f"loss is {value} at step {step}")
     loss.backward()
+    if master is not None:
+        master.sync_grads()
     grad_norm = None
     if grad_clip:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -223,4 +289,6 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
     optimizer.zero_grad(set_to_none=True)
     momentum = schedules.momentum_at(step)
     model.update_target(momentum)
+    if master is not None:
+        master.sync_params()
     return StepResult(value, lr, wd, momentum, grad_norm)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, perf
 from .checkpoint import CheckpointError, add_prefix, load_strict, read_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, dump_config
 from .data import build_source, make_loader, transform_from_config
@@ -26,6 +26,17 @@ from .step import IJEPA, make_optimizer, train_step
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (a non-finite loss); the last good checkpoint is intact."""
+
+
+def describe_attention(cfg: Config, device: torch.device) -> str:
+    """Which attention runs: dense / padded batches, and packed variable-length sequences."""
+    from .models.varlen import resolve
+
+    half = device.type == "cuda" and (cfg.perf.bf16_weights or cfg.run.precision in ("auto", "bf16"))
+    probe = torch.empty(0, device=device, dtype=torch.bfloat16 if half else torch.float32)
+    packed = resolve(cfg.model.varlen_attn, probe)
+    return (f"attention: {cfg.model.attn} for dense batches; layout {cfg.model.layout}, packed sequences with "
+            f"{packed}" + (" (auto)" if cfg.model.varlen_attn == "auto" else ""))
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -70,12 +81,15 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model = IJEPA.from_config(cfg).to(self.device)
         o = cfg.optim
-        self.optimizer = make_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps)
+        self.optimizer = make_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps,
+                                        perf.optimizer_impl(cfg.perf, self.device))
         self.schedules = Schedules.from_config(o, self.steps_per_epoch)
         self.step = 0
         self.latest = self.run_dir / f"{cfg.run.tag}-latest.pth.tar"
         self._describe()
         self._maybe_resume()
+        # the speed-ups, after resuming: a bf16 compute copy must start from the loaded weights
+        self.run_model, self.master = perf.apply(self.model, cfg.perf, self.device)
 
     # -- set-up
     def _describe(self):
@@ -85,6 +99,7 @@ class Trainer:
         log.info(f"ijepa-fast {__version__} | torch {torch.__version__} | device {self.device} | "
                  f"precision {c.run.precision} | threads {torch.get_num_threads()}")
         log.info(describe_kernels(c.model.kernels, self.device) + (" | deterministic" if c.run.deterministic else ""))
+        log.info(describe_attention(c, self.device))
         log.info(f"run folder: {self.run_dir}")
         log.info(f"model {c.model.name}/{c.model.patch_size} at {c.data.crop_size}px (grid {m.grid[0]}x{m.grid[1]}): "
                  f"encoder {n_enc / 1e6:.2f}M params, predictor {n_pred / 1e6:.2f}M "
@@ -224,10 +239,11 @@ class Trainer:
 
     def _one_step(self, batch):
         images = batch.images.to(self.device, non_blocking=True)
-        masks = batch.masks.to(self.device, non_blocking=True)
+        # packing (when the layout says so) is integer bookkeeping, done here on the CPU
+        masks = self.run_model.prepare(batch.masks).to(self.device, non_blocking=True)
         try:
             return train_step(self.model, self.optimizer, images, masks, batch.step, self.schedules,
-                              self.cfg.run.precision, self.cfg.optim.grad_clip)
+                              self.cfg.run.precision, self.cfg.optim.grad_clip, self.master)
         except FloatingPointError as e:
             last = f"{self.latest}" if self.latest.exists() else "none written yet"
             log.error(f"{e}: stopping. The model and optimiser were not updated by this step; the last good "

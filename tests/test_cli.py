@@ -70,3 +70,19 @@ def test_cli_overrides_may_follow_options(tmp_path):
     assert p.returncode == 2 and "unrecognized arguments: --bogus" in p.stderr
     p = run_cli("train", "mask.min_keep=40", "--run-dir", tmp_path / "never", check=False)
     assert p.returncode == 2 and "mask.min_keep=40" in p.stderr and not (tmp_path / "never").exists()
+
+
+def test_cli_bench_smoke_on_cpu(tmp_path):
+    """ijepa-fast bench runs end to end on the CPU (figures there mean nothing; the GPU run is the
+    benchmark): both mask modes, fast paths on and off, one JSON object per line."""
+    p = run_cli("bench", "--model", "vit_tiny", "--batch", "4", "--steps", "2", "--device", "cpu", cwd=tmp_path)
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert {(r["masks"], r["fast"]) for r in rows} == {("reference", False), ("reference", True), ("default", False),
+                                                       ("default", True)}
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["gflop_per_img"] > 0 and r["ctx_tokens_per_img"] > 0
+    by = {(r["masks"], r["fast"]): r for r in rows}
+    # on the CPU the fast path pads too: nested-tensor attention there costs more than padding
+    assert by[("default", True)]["layout"] == "padded" and by[("default", False)]["layout"] == "padded"
+    assert by[("reference", True)]["layout"] == "dense"
+    assert by[("default", True)]["ctx_tokens_per_img"] > by[("reference", True)]["ctx_tokens_per_img"]

@@ -43,21 +43,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def run_golden_step(step_file, ckpt_file, attn="sdpa", kernels="reference"):
+def run_golden_step(step_file, ckpt_file, attn="sdpa", kernels="reference", layout="auto"):
     """Everything the engine computes for the golden step, keyed like the golden file."""
     gold = torch.load(step_file, weights_only=False)
     cfg = gold["config"]
     enc, pred, tgt = models_from_checkpoint(read_checkpoint(ckpt_file), num_heads=cfg["num_heads"],
                                             pred_heads=cfg["pred_num_heads"], norm_eps=cfg["norm_eps"],
                                             attn_impl=attn)
-    model = IJEPA(enc, pred, tgt).configure_kernels(kernels)
+    model = IJEPA(enc, pred, tgt).configure_kernels(kernels).configure_layout(layout)
     masks = MaskBatch.from_lists(gold["masks_enc"], gold["masks_pred"])
     images = gold["images"]
     out = {"state_loaded": {n: {k: v.clone() for k, v in getattr(model, n).state_dict().items()}
                             for n in ("encoder", "predictor", "target_encoder")}}
     with torch.no_grad():
         out["target_encoder_out"] = model.target_encoder(images)
-        out["context_encoder_out"] = model.encoder(images, masks.context)
+        if layout == "packed":
+            from ijepa_fast.packing import pack
+
+            p = pack(masks)
+            z = model.encoder.forward_packed(images, p.ctx_idx, p.ctx_meta)
+            out["context_encoder_out"] = z.reshape(masks.context.shape[0] * masks.batch_size, -1, z.shape[-1])
+        else:
+            out["context_encoder_out"] = model.encoder(images, masks.context)
     loss, parts = model.loss(images, masks, return_outputs=True)
     out["predictor_out"] = parts["pred"]
     out["loss_smooth_l1"] = jepa_loss(parts["pred"], parts["target"], "smooth_l1", backend=kernels)

@@ -9,8 +9,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .attention import attention, check_impl
+from .varlen import VarlenMeta, attention_varlen
 
 
 class PatchEmbed(nn.Module):
@@ -36,12 +38,20 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.impl = check_impl(impl)
+        self.varlen_impl = "auto"  # backend for packed sequences (see models.varlen)
+        self.nested_ok = True  # False inside activation checkpointing (jagged tensors cannot be recomputed)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
+                meta: VarlenMeta | None = None) -> torch.Tensor:
+        """x: [B, N, D] (key_valid: optional bool [B, N]) or, with ``meta``, packed [T, D]."""
+        if meta is not None:
+            t, c = x.shape
+            # qkv features are laid out [3, heads, head_dim], as in the published checkpoints
+            q, k, v = self.qkv(x).reshape(t, 3, self.num_heads, c // self.num_heads).unbind(1)
+            return self.proj(attention_varlen(q, k, v, meta, self.varlen_impl, self.nested_ok).reshape(t, c))
         b, n, c = x.shape
-        # qkv features are laid out [3, heads, head_dim], as in the published checkpoints
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = attention(qkv[0], qkv[1], qkv[2], key_valid, impl=self.impl)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -68,9 +78,18 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.checkpoint = False  # recompute in the backward pass (activation checkpointing)
 
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_valid)
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
+                meta: VarlenMeta | None = None) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            # no recompute metadata check: it cannot size the nested tensors of jagged attention
+            return torch.utils.checkpoint.checkpoint(self._forward, x, key_valid, meta, use_reentrant=False,
+                                                     determinism_check="none")
+        return self._forward(x, key_valid, meta)
+
+    def _forward(self, x, key_valid, meta):
+        x = x + self.attn(self.norm1(x), key_valid, meta)
         return x + self.mlp(self.norm2(x))
 
 

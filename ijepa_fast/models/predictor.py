@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.predictor_tokens import predictor_tokens
+from ..kernels.predictor_tokens_packed import predictor_tokens_packed
 from .attention import key_mask_from_lengths
 from .layers import Block, rescale_residual_projections, trunc_normal_, trunc_normal_init
 from .pos_embed import interpolate_pos_embed, sincos_2d
@@ -55,6 +56,23 @@ class VisionTransformerPredictor(nn.Module):
         for blk in self.predictor_blocks:
             x = blk(x, key_valid)
         x = self.predictor_norm(x[:, lc:])
+        return self.predictor_proj(x)
+
+    def forward_packed(self, z: torch.Tensor, packed, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Predict target features from packed context features: z [Tc, D], ``packed`` a
+        PackedMasks. One packed sequence per (target block, context); returns [K * M * B, Lt, D]."""
+        from .varlen import VarlenMeta
+
+        k = packed.targets.shape[0]
+        pos = interpolate_pos_embed(self.predictor_pos_embed, self.grid, grid or self.grid)[0].detach()
+        p = packed.pred_plan
+        x, _ = predictor_tokens_packed(self.predictor_embed(z), packed.ctx_idx, packed.ctx_meta.cu_seqlens,
+                                       packed.targets.reshape(k * packed.batch_size, -1), self.mask_token, pos, k,
+                                       backend=self.kernels, packed_plan=p)
+        meta = VarlenMeta(p.cu_seqlens, p.max_seqlen)
+        for blk in self.predictor_blocks:
+            x = blk(x, None, meta)
+        x = self.predictor_norm(x[p.target_rows])  # [K * M * B, Lt, Dp]
         return self.predictor_proj(x)
 
     @staticmethod

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.gather_tokens import gather_tokens as gather_tokens_op
+from ..kernels.gather_tokens import gather_tokens_packed
 from .attention import key_mask_from_lengths
 from .layers import Block, PatchEmbed, rescale_residual_projections, trunc_normal_init
 from .pos_embed import interpolate_pos_embed, sincos_2d
@@ -97,6 +98,17 @@ class VisionTransformer(nn.Module):
             key_valid = None if lens is None else key_mask_from_lengths(lens, length)
         for blk in self.blocks:
             tokens = blk(tokens, key_valid)
+        return self.norm(tokens)
+
+    def forward_packed(self, x: torch.Tensor, ctx_idx: torch.Tensor, meta) -> torch.Tensor:
+        """Encode packed context sequences: ctx_idx [T] patch indices of the sequences that
+        ``meta`` (a VarlenMeta, sequence s reading image s % B) delimits -> [T, D]; no padding."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        pos = self.pos_for(grid).to(x.dtype)[0].detach()
+        tokens = gather_tokens_packed(self.patch_embed(x), ctx_idx, meta.cu_seqlens, pos,
+                                      deterministic=self.deterministic, backend=self.kernels)
+        for blk in self.blocks:
+            tokens = blk(tokens, None, meta)
         return self.norm(tokens)
 
 

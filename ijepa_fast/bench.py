@@ -1,0 +1,171 @@
+"""Timing the training step (``ijepa-fast bench`` and ``benchmarks/bench_step.py``).
+
+One measurement = one model at one batch, with reference-mode or default masks, with the fast
+paths on or off, on synthetic images (the data pipeline is measured separately). It reports
+images/s, tokens/s, model TFLOP/s and MFU against a matmul peak measured on the same device,
+peak memory, and GPU-hours projected for each published recipe that uses this model.
+
+Model FLOPs per image count 2 x MACs of the linear layers and attention matmuls: the target
+encoder forward on all N tokens, 3 x the context encoder forward on the context tokens, and 3 x
+the predictor forward on each (context + target block) sequence, as in the reference figures.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import MaskConfig, PerfConfig
+from .masks import MultiBlockSampler
+from .models import VIT_SIZES
+from .perf import apply as apply_perf
+from .perf import optimizer_impl
+from .schedules import Schedules
+from .step import IJEPA, make_optimizer, train_step
+
+# published recipes: (model, patch, resolution, epochs, images in the dataset)
+RECIPES = {
+    "in1k_vith14_ep300": ("vit_huge", 14, 224, 300, 1_281_167),
+    "in1k_vith16-448_ep300": ("vit_huge", 16, 448, 300, 1_281_167),
+    "in22k_vith14_ep66": ("vit_huge", 14, 224, 66, 14_197_122),
+    "in22k_vitg16_ep44": ("vit_giant", 16, 224, 44, 14_197_122),
+}
+PUBLISHED_BATCH = {"vit_base": 256, "vit_large": 128, "vit_huge": 128, "vit_giant": 16, "vit_small": 256,
+                   "vit_tiny": 256}
+
+
+def vit_flops(dim: int, depth: int, mlp: int, tokens: float) -> float:
+    """Forward FLOPs of ``depth`` pre-norm blocks on one sequence of ``tokens`` tokens (2 x MACs)."""
+    linear = 2 * tokens * (4 * dim * dim + 2 * dim * mlp)
+    attn = 2 * 2 * tokens * tokens * dim
+    return depth * (linear + attn)
+
+
+def model_flops_per_image(model: IJEPA, n_tokens: int, ctx_tokens: float, tgt_per_block: float, k: int) -> float:
+    enc = model.encoder
+    dim, depth = enc.embed_dim, len(enc.blocks)
+    mlp = enc.blocks[0].mlp.fc1.out_features
+    pred = model.predictor
+    pdim = pred.predictor_embed.out_features
+    pdepth = len(pred.predictor_blocks)
+    pmlp = pred.predictor_blocks[0].mlp.fc1.out_features if pdepth else 4 * pdim
+    fl = vit_flops(dim, depth, mlp, n_tokens)
+    fl += 3 * vit_flops(dim, depth, mlp, ctx_tokens)
+    fl += 3 * k * vit_flops(pdim, pdepth, pmlp, ctx_tokens + tgt_per_block)
+    return fl
+
+
+def matmul_peak_tflops(device: torch.device) -> float | None:
+    """bf16 8192^3 matmul TFLOP/s on this GPU (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+@dataclass
+class BenchSpec:
+    model: str = "vit_huge"
+    patch: int = 14
+    img: int = 224
+    batch: int = 128
+    pred_depth: int = 12
+    mask_mode: str = "reference"
+    fast: bool = True
+    steps: int = 10
+    warmup: int = 3
+    device: str = "cuda"
+
+
+def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
+    """Time ``spec.steps`` training steps after ``spec.warmup``; one result row."""
+    device = torch.device(spec.device)
+    torch.manual_seed(0)
+    model = IJEPA.build(spec.model, img_size=spec.img, patch_size=spec.patch, pred_depth=spec.pred_depth)
+    model = model.to(device)
+    perf = PerfConfig(bf16_weights=spec.fast and device.type == "cuda", compile=spec.fast and device.type == "cuda",
+                      optimizer="auto" if spec.fast else "foreach")
+    model.configure_kernels("auto" if spec.fast else "reference")
+    model.configure_layout("auto" if spec.fast else "padded")
+    optimizer = make_optimizer(model, impl=optimizer_impl(perf, device))
+    run_model, master = apply_perf(model, perf, device)
+    sched = Schedules(steps_per_epoch=1000, epochs=100)
+    grid = model.grid
+    sampler = MultiBlockSampler(grid, MaskConfig(mode=spec.mask_mode), seed=0)
+    pool = [sampler.sample(spec.batch, s) for s in range(spec.warmup + spec.steps)]
+    ctx = statistics.mean(m.mean_tokens()[0] for m in pool)
+    tgt = statistics.mean(m.mean_tokens()[1] for m in pool)
+    k = pool[0].targets.shape[0]
+    prepared = [run_model.prepare(m).to(device) for m in pool]
+    images = torch.randn(spec.batch, 3, spec.img, spec.img, device=device)
+    precision = "fp32" if device.type != "cuda" else "bf16"
+
+    def step(i):
+        return train_step(model, optimizer, images, prepared[i], i, sched, precision, None, master)
+
+    t0 = time.time()
+    for i in range(spec.warmup):
+        step(i)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    warm_s = time.time() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(spec.warmup, spec.warmup + spec.steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            res = step(i)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            res = step(i)
+            times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    n = grid[0] * grid[1]
+    flops = model_flops_per_image(model, n, ctx, tgt / k, k)
+    row = {"bench": "step", "model": spec.model, "patch": spec.patch, "img": spec.img, "batch": spec.batch,
+           "pred_depth": spec.pred_depth, "masks": spec.mask_mode, "fast": spec.fast, "device": str(device),
+           "step_ms": round(sec * 1e3, 2), "images_per_s": round(spec.batch / sec, 1),
+           "ctx_tokens_per_img": round(ctx, 1), "ctx_tokens_per_s": round(spec.batch * ctx / sec),
+           "tokens_per_s": round(spec.batch * (n + ctx + k * (ctx + tgt / k)) / sec),
+           "gflop_per_img": round(flops / 1e9, 1), "tflops": round(flops * spec.batch / sec / 1e12, 2),
+           "loss": round(res.loss, 4), "warmup_s": round(warm_s, 1), "layout": _layout(prepared[0]),
+           "kernels": model.kernels, "perf": [k_ for k_ in ("bf16_weights", "compile") if getattr(perf, k_)],
+           "optimizer": optimizer_impl(perf, device)}
+    if peak_tflops:
+        row["matmul_peak_tflops"] = round(peak_tflops, 1)
+        row["mfu"] = round(row["tflops"] / peak_tflops, 3)
+    if device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    row["gpu_hours"] = {name: round(epochs * images / row["images_per_s"] / 3600, 1)
+                        for name, (m, p, r, epochs, images) in RECIPES.items()
+                        if (m, p, r) == (spec.model, spec.patch, spec.img)}
+    return row
+
+
+def _layout(masks) -> str:
+    from .packing import PackedMasks
+
+    return "packed" if isinstance(masks, PackedMasks) else "padded" if masks.context_lens is not None else "dense"
+
+
+def check_model(name: str) -> None:
+    if name not in VIT_SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(VIT_SIZES)}")

@@ -1,0 +1,190 @@
+"""Variable-length (packed) sequences: the metadata that travels with them, and attention over them.
+
+A batch of S sequences of lengths ``L_s`` is stored as one [T, ...] tensor (T = sum L_s, no
+padding) with ``cu_seqlens`` (int32, [S + 1], ``cu_seqlens[s]`` = start of sequence s) and
+``max_seqlen``, as ``flash_attn_varlen_func`` takes them.
+
+``attention_varlen(q, k, v, meta, backend)`` with q, k, v [T, H, head_dim]. Backends, in the order
+``"auto"`` tries them:
+
+- ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (FA3's ``flash_attn_interface`` or FA2's
+  ``flash_attn``; FA4's ``flash_attn.cute``), CUDA, bf16/fp16;
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's FlashAttention), CUDA,
+  bf16/fp16;
+- ``xformers``: ``memory_efficient_attention`` with a block-diagonal bias;
+- ``nested``: nested jagged tensors with ``scaled_dot_product_attention`` (any device, CPU too);
+- ``padded``: padding to the longest sequence, a key mask and SDPA.
+
+``math`` (a loop of explicit per-sequence attention) is the plain reference the others are
+tested against.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention_reference
+
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "xformers", "nested", "padded", "math")
+
+
+class VarlenMeta(NamedTuple):
+    """cu_seqlens: int32 [S + 1]; max_seqlen: the longest sequence (a Python int)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor) -> VarlenMeta:
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=lengths.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        return cls(cu, int(lengths.max()) if len(lengths) else 0)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# optional backends, found once
+
+_FOUND: dict = {}
+
+
+def _flash_attn():
+    if "flash_attn" not in _FOUND:
+        fn = None
+        for mod in ("flash_attn_interface", "flash_attn.cute", "flash_attn"):  # FA3, FA4, FA2
+            try:
+                fn = importlib.import_module(mod).flash_attn_varlen_func
+                break
+            except Exception:
+                continue
+        _FOUND["flash_attn"] = fn
+    return _FOUND["flash_attn"]
+
+
+def _xformers():
+    if "xformers" not in _FOUND:
+        try:
+            import xformers.ops as xops
+
+            _FOUND["xformers"] = xops
+        except Exception:
+            _FOUND["xformers"] = None
+    return _FOUND["xformers"]
+
+
+def _torch_varlen():
+    if "torch_varlen" not in _FOUND:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            _FOUND["torch_varlen"] = varlen_attn
+        except Exception:
+            _FOUND["torch_varlen"] = None
+    return _FOUND["torch_varlen"]
+
+
+def available(backend: str, q: torch.Tensor) -> bool:
+    """Whether ``backend`` can run on tensors like ``q`` here."""
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if backend == "flash_attn":
+        return q.is_cuda and half and _flash_attn() is not None
+    if backend == "torch_varlen":
+        return q.is_cuda and half and _torch_varlen() is not None
+    if backend == "xformers":
+        return q.is_cuda and _xformers() is not None
+    return backend in ("nested", "padded", "math")
+
+
+def resolve(backend: str, q: torch.Tensor, nested_ok: bool = True) -> str:
+    """The backend that runs: ``auto`` picks the first available one (skipping ``nested`` where
+    its jagged tensors cannot be used, as inside activation checkpointing's recompute)."""
+    if backend == "auto":
+        for b in ("flash_attn", "torch_varlen", "xformers", "nested"):
+            if available(b, q) and (nested_ok or b != "nested"):
+                return b
+        return "padded"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown varlen attention backend {backend!r}; choose one of {BACKENDS}")
+    if not available(backend, q):
+        raise RuntimeError(f"varlen attention backend {backend!r} cannot run here ({q.device.type}, {q.dtype}): "
+                           f"{'it is not installed; ' if backend in ('flash_attn', 'xformers') else ''}"
+                           f"use model.varlen_attn=auto")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations: q, k, v [T, H, hd] -> [T, H, hd]
+
+def _flash(q, k, v, meta):
+    cu = meta.cu_seqlens
+    out = _flash_attn()(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _torch(q, k, v, meta):
+    cu = meta.cu_seqlens
+    return _torch_varlen()(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen)
+
+
+def _xf(q, k, v, meta):
+    xops = _xformers()
+    bias = xops.fmha.attn_bias.BlockDiagonalMask.from_seqlens(meta.lengths.tolist())
+    return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+
+
+def _nested(q, k, v, meta):
+    # jagged tensors are a prototype API and say so on every first use; the layout here is fixed
+    warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+    offsets = meta.cu_seqlens.long()
+    nt = [torch.nested.nested_tensor_from_jagged(t.contiguous(), offsets=offsets, max_seqlen=meta.max_seqlen)
+          .transpose(1, 2) for t in (q, k, v)]  # jagged SDPA needs contiguous values
+    return F.scaled_dot_product_attention(*nt).transpose(1, 2).values()
+
+
+def pad_index(meta: VarlenMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions [T] in an [S, max_seqlen] grid, bool [S, max_seqlen] validity)."""
+    lengths = meta.lengths.long()
+    valid = torch.arange(meta.max_seqlen, device=lengths.device)[None, :] < lengths[:, None]
+    return torch.nonzero(valid.flatten()).flatten(), valid
+
+
+def _padded(q, k, v, meta):
+    pos, valid = pad_index(meta)
+    s, m = valid.shape
+    t, h, d = q.shape
+
+    def pad(x):
+        return x.new_zeros(s * m, h, d).index_copy(0, pos, x).view(s, m, h, d).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :])
+    return out.transpose(1, 2).reshape(s * m, h, d).index_select(0, pos)
+
+
+def attention_varlen_reference(q, k, v, meta):
+    """Per-sequence explicit attention, the reference's arithmetic."""
+    outs = []
+    cu = meta.cu_seqlens.tolist()
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b > a:
+            outs.append(attention_reference(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)))[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+_IMPLS = {"flash_attn": _flash, "torch_varlen": _torch, "xformers": _xf, "nested": _nested, "padded": _padded,
+          "math": attention_varlen_reference}
+
+
+def attention_varlen(q, k, v, meta: VarlenMeta, backend: str = "auto", nested_ok: bool = True):
+    """Attention within each packed sequence; see the module docstring."""
+    return _IMPLS[resolve(backend, q, nested_ok)](q, k, v, meta)

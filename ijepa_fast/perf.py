@@ -1,0 +1,110 @@
+"""The step's speed-ups, each a config switch (``perf.*``), applied in one place in a fixed order:
+
+    build (fp32) -> bf16 compute copy (``bf16_weights``) -> activation checkpointing -> per-block
+    torch.compile -> (DDP / FSDP, in the distributed wrapper)
+
+``bf16_weights``: the optimiser, the EMA and the checkpoints keep working on the fp32 model (the
+master weights); forward and backward run on a bf16 copy without autocast, so no weight or
+activation is cast on the way (the residual stream, layer-norm outputs and attention are bf16;
+statistics inside the fused kernels and the loss stay fp32). After each backward the bf16
+gradients are copied into fp32 master gradients; after each optimiser step the masters are
+copied back into the bf16 copy (one multi-tensor copy each way).
+
+``activation_checkpointing``: each encoder and predictor block recomputes its activations in the
+backward pass (about a third more compute, much less memory).
+
+``compile``: each transformer block is compiled on its own with dynamic shapes, so changing
+sequence lengths do not trigger recompilation.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .runlog import log
+from .step import IJEPA
+
+
+class MasterWeights:
+    """A bf16 compute copy of an fp32 IJEPA model; ``master`` stays the model of record."""
+
+    def __init__(self, master: IJEPA, dtype: torch.dtype = torch.bfloat16):
+        self.master = master
+        self.dtype = dtype
+        self.compute = copy.deepcopy(master).to(dtype)
+        self.compute.configure_kernels(master.kernels, master.encoder.deterministic)
+        self.compute.configure_layout(master.layout, _varlen_impl(master))
+        self._train = [(m, c) for part in ("encoder", "predictor")
+                       for m, c in zip(getattr(master, part).parameters(), getattr(self.compute, part).parameters())
+                       if m.requires_grad]
+        self._all = list(zip(master.parameters(), self.compute.parameters()))
+
+    def sync_grads(self) -> None:
+        """fp32 master gradients from the compute copy's bf16 gradients (which are then cleared)."""
+        masters, computes = [], []
+        for m, c in self._train:
+            if c.grad is None:
+                m.grad = None
+                continue
+            if m.grad is None:
+                m.grad = torch.empty_like(m)
+            masters.append(m.grad)
+            computes.append(c.grad)
+        if masters:
+            torch._foreach_copy_(masters, computes)
+        for _, c in self._train:
+            c.grad = None
+
+    @torch.no_grad()
+    def sync_params(self) -> None:
+        """The compute copy <- the masters (encoder, predictor and target encoder)."""
+        torch._foreach_copy_([c for _, c in self._all], [m for m, _ in self._all])
+
+
+def _varlen_impl(model: IJEPA) -> str:
+    from .models.layers import Attention
+
+    return next((m.varlen_impl for m in model.modules() if isinstance(m, Attention)), "auto")
+
+
+def set_activation_checkpointing(model: IJEPA, enabled: bool = True) -> None:
+    """Recompute every encoder and predictor block in the backward pass (the target encoder runs
+    without gradients and needs none)."""
+    for blk in list(model.encoder.blocks) + list(model.predictor.predictor_blocks):
+        if enabled and blk.attn.varlen_impl == "nested":
+            raise ValueError("activation checkpointing cannot recompute nested-tensor attention: use "
+                             "model.varlen_attn=auto (or padded, flash_attn, torch_varlen, xformers)")
+        blk.checkpoint = enabled
+        blk.attn.nested_ok = not enabled
+
+
+def compile_blocks(model: IJEPA) -> None:
+    """torch.compile each transformer block in place, with dynamic shapes."""
+    for blocks in (model.encoder.blocks, model.target_encoder.blocks, model.predictor.predictor_blocks):
+        for blk in blocks:
+            blk.compile(dynamic=True)
+
+
+def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeights | None]:
+    """Apply the ``perf`` switches in their fixed order; returns (model to run, master weights or None)."""
+    master = None
+    run = model
+    if perf.bf16_weights:
+        master = MasterWeights(model)
+        run = master.compute
+    if perf.activation_checkpointing:
+        set_activation_checkpointing(run)
+    if perf.compile:
+        compile_blocks(run)
+    enabled = [k for k in ("bf16_weights", "activation_checkpointing", "compile") if getattr(perf, k)]
+    log.info(f"performance switches: {', '.join(enabled) if enabled else 'none (the plain step)'}; "
+             f"optimiser {optimizer_impl(perf, device)}")
+    return run, master
+
+
+def optimizer_impl(perf, device: torch.device) -> str:
+    """'fused', 'foreach' or 'single' (``perf.optimizer='auto'``: fused on CUDA)."""
+    if perf.optimizer != "auto":
+        return perf.optimizer
+    return "fused" if device.type == "cuda" else "foreach"
