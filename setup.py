@@ -19,9 +19,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["ijepa_fast", "ijepa_fast.models", "ijepa_fast.masks", "ijepa_fast.data", "ijepa_fast.kernels",
-              "ijepa_fast.configs"],
-    package_dir={"ijepa_fast": "ijepa_fast", "ijepa_fast.kernels": "kernels", "ijepa_fast.configs": "configs"},
-    package_data={"ijepa_fast.configs": ["*.yaml"]},
+              "ijepa_fast.configs", "ijepa_fast.csrc"],
+    package_dir={"ijepa_fast": "ijepa_fast", "ijepa_fast.kernels": "kernels", "ijepa_fast.configs": "configs",
+                 "ijepa_fast.csrc": "csrc"},
+    package_data={"ijepa_fast.configs": ["*.yaml"], "ijepa_fast.csrc": ["*.cpp"]},
     install_requires=["torch>=2.4", "pyyaml>=6", "pillow>=9", "numpy", "tqdm", "safetensors", "matplotlib"],
     extras_require={
         "test": ["pytest>=7", "triton>=3.2"],  # the kernel tests run under Triton's interpreter on CPU

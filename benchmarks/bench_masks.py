@@ -18,19 +18,21 @@ def bench_ours(args, env, rows):
     import torch
 
     from ijepa_fast.config import MaskConfig
-    from ijepa_fast.masks import MultiBlockSampler
+    from ijepa_fast.masks import MultiBlockSampler, native
 
-    for mode in ("reference", "default"):
-        sampler = MultiBlockSampler((args.img // args.patch,) * 2, MaskConfig(mode=mode), seed=0)
-        ms = time_host(lambda: sampler(args.batch), args.repeats)
-        ctx = tgt = 0.0
-        for step in range(200):
-            c, t = sampler.sample(args.batch, step).mean_tokens()
-            ctx, tgt = ctx + c / 200, tgt + t / 200
-        rows.append({"bench": "masks", "impl": "python", "mode": mode, "batch": args.batch, "img": args.img,
-                     "patch": args.patch, "threads": torch.get_num_threads(), **summary(ms),
-                     "mean_ctx_tokens": round(ctx, 2), "mean_tgt_tokens": round(tgt, 2), **env})
-        emit(rows[-1], args.out)
+    impls = ["python"] + (["cpp"] if native.load() is not None else [])  # identical masks, two implementations
+    for impl in impls:
+        for mode in ("reference", "default"):
+            sampler = MultiBlockSampler((args.img // args.patch,) * 2, MaskConfig(mode=mode), seed=0, impl=impl)
+            ms = time_host(lambda: sampler(args.batch), args.repeats)
+            ctx = tgt = 0.0
+            for step in range(200):
+                c, t = sampler.sample(args.batch, step).mean_tokens()
+                ctx, tgt = ctx + c / 200, tgt + t / 200
+            rows.append({"bench": "masks", "impl": impl, "mode": mode, "batch": args.batch, "img": args.img,
+                         "patch": args.patch, "threads": torch.get_num_threads(), **summary(ms),
+                         "mean_ctx_tokens": round(ctx, 2), "mean_tgt_tokens": round(tgt, 2), **env})
+            emit(rows[-1], args.out)
 
 
 def bench_reference(args, env, rows):

@@ -62,6 +62,10 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str):
+    if name == "_C":  # the compiled extension (csrc/), built at first use; None where it cannot be
+        from .masks import native
+
+        return native.load()
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value

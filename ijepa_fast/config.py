@@ -72,6 +72,9 @@ class DataConfig:
     hflip: bool = opt(False, "random horizontal flip (off in the released recipes)")
     mean: tuple[float, float, float] = opt((0.485, 0.456, 0.406), "normalisation mean")
     std: tuple[float, float, float] = opt((0.229, 0.224, 0.225), "normalisation std")
+    loader: str = opt("auto", "'dali' (decode and augment with NVIDIA DALI, on the GPU when there is one), 'pil' "
+                      "(Pillow in worker processes), or 'auto' (DALI for image folders on CUDA when installed)",
+                      ("auto", "dali", "pil"))
     num_workers: int = opt(8, "data-loading worker processes (0 = in the main process)")
     pin_memory: bool = opt(True, "pin host batches (CUDA only)")
     demo_images: int = opt(2048, "number of generated images (source=demo)")
@@ -89,6 +92,8 @@ class MaskConfig:
     context_scale: tuple[float, float] = opt((0.85, 1.0), "context block area, fraction of the grid")
     min_keep: int = opt(10, "a context block must keep more than this many patches")
     allow_overlap: bool = opt(False, "let the context overlap the targets")
+    sampler: str = opt("auto", "implementation: 'cpp' (csrc/, compiled at first use and cached), 'python', or "
+                       "'auto' (cpp when it builds); both draw identical masks", ("auto", "cpp", "python"))
 
 
 @dataclass

@@ -100,6 +100,8 @@ class Trainer:
                  f"precision {c.run.precision} | threads {torch.get_num_threads()}")
         log.info(describe_kernels(c.model.kernels, self.device) + (" | deterministic" if c.run.deterministic else ""))
         log.info(describe_attention(c, self.device))
+        native = self.sampler.native()  # built (once, cached) before data-loader workers fork
+        log.info(f"mask sampler: {'compiled (csrc/)' if native is not None else 'Python'}, mode {c.mask.mode}")
         log.info(f"run folder: {self.run_dir}")
         log.info(f"model {c.model.name}/{c.model.patch_size} at {c.data.crop_size}px (grid {m.grid[0]}x{m.grid[1]}): "
                  f"encoder {n_enc / 1e6:.2f}M params, predictor {n_pred / 1e6:.2f}M "
@@ -189,9 +191,7 @@ class Trainer:
         if self.step >= stop:
             log.info(f"nothing to do: the run is at step {self.step} of {stop}")
             return self.run_dir
-        loader = make_loader(self.source, transform_from_config(c.data, c.run.seed), self.sampler, c.data.batch_size,
-                             self.step, stop, c.run.seed, self.rank, self.world, self._workers(),
-                             c.data.pin_memory and self.device.type == "cuda")
+        loader = self._loader(stop)
         writer = MetricsWriter(self.run_dir, self.step)
         bar = Progress(stop, self.step, c.run.progress and self.rank == 0)
         losses, skipped, saved_at, t_start, first = [], 0, -1, time.time(), self.step
@@ -228,6 +228,31 @@ class Trainer:
                 log.info(f"loss plot: {png}")
         log.info(f"checkpoint: {self.latest}")
         return self.run_dir
+
+    def _loader(self, stop: int):
+        """DALI or the PIL loader (data.loader), over steps self.step .. stop-1."""
+        from .data import dali
+        from .data.images import FolderImages
+
+        c = self.cfg
+        transform = transform_from_config(c.data, c.run.seed)
+        want = c.data.loader
+        version = dali.available()
+        folder = isinstance(self.source, FolderImages)
+        use = want == "dali" or (want == "auto" and self.device.type == "cuda")
+        if use and (version is None or not folder):
+            if want == "dali":
+                log.warning("data.loader=dali but " + ("DALI is not installed (pip install nvidia-dali-cuda130)"
+                                                       if version is None else "the data is not an image folder")
+                            + "; using the PIL loader")
+            use = False
+        if use:
+            log.info(f"data loader: DALI {version}, decoding on the {'GPU' if self.device.type == 'cuda' else 'CPU'}")
+            return dali.DaliLoader(self.source, c.data, self.sampler, c.data.batch_size, self.step, stop, c.run.seed,
+                                   self.rank, self.world, self.device, max(1, self._workers()), transform)
+        log.info(f"data loader: Pillow in {self._workers()} worker process(es)")
+        return make_loader(self.source, transform, self.sampler, c.data.batch_size, self.step, stop, c.run.seed,
+                           self.rank, self.world, self._workers(), c.data.pin_memory and self.device.type == "cuda")
 
     def _workers(self) -> int:
         want = self.cfg.data.num_workers

@@ -100,3 +100,18 @@ def test_data_loader_resumes_mid_epoch_and_workers_agree():
     for a, b in zip(full[7:], part):
         assert torch.equal(a.images, b.images) and torch.equal(a.masks.context, b.masks.context)
         assert torch.equal(a.labels, b.labels)
+
+
+def test_data_loader_falls_back_to_pil_with_a_message_without_dali(tmp_path):
+    from conftest import run_cli
+
+    write_images(tmp_path / "imgs", 16)
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "nvidia").mkdir()
+    (blocker / "nvidia" / "dali.py").write_text("raise ImportError('DALI hidden for this test')\n")
+    (blocker / "nvidia" / "__init__.py").write_text("")
+    p = run_cli("train", "--data", tmp_path / "imgs", "--run-dir", tmp_path / "run", "--steps", "1",
+                "data.loader=dali", "data.batch_size=8", "data.num_workers=1", "run.progress=false", "run.plot=false",
+                env={"PYTHONPATH": f"{blocker}:{__import__('conftest').ROOT}"})
+    assert "data.loader=dali but DALI is not installed" in p.stderr and "data loader: Pillow" in p.stderr

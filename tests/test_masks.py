@@ -192,3 +192,75 @@ def test_sampler_relaxes_constraints_when_context_is_too_small():
             if k < n:  # the blocks still avoided are the first n
                 assert not real & set(block)
     assert relaxed > 0, "this setting should need relaxations"
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled sampler (csrc/): bit-identical to this Python one
+
+def _native_or_skip():
+    from ijepa_fast.masks import native
+
+    mod = native.load()
+    if mod is None:
+        pytest.skip(f"the compiled sampler could not be built here: {native.reason()}")
+    return mod
+
+
+SAMPLER_CASES = [((16, 16), {}), ((14, 14), {"num_context": 2}), ((8, 8), {"min_keep": 4}),
+                 ((12, 20), {"min_keep": 4, "allow_overlap": True}),
+                 ((8, 8), {"min_keep": 8, "target_scale": (0.5, 0.55), "context_scale": (0.3, 0.35)}),
+                 ((32, 32), {"num_targets": 2, "target_aspect": (0.3, 3.0)})]
+
+
+@pytest.mark.parametrize("mode", ["reference", "default"])
+@pytest.mark.parametrize("grid,kw", SAMPLER_CASES)
+def test_sampler_cpp_bit_identical_to_python(mode, grid, kw):
+    _native_or_skip()
+    c = cfg(mode=mode, **kw)
+    py = MultiBlockSampler(grid, c, seed=7, rank=1, impl="python")
+    cc = MultiBlockSampler(grid, c, seed=7, rank=1, impl="cpp")
+    for step in range(25):
+        a, b = py.sample(16, step), cc.sample(16, step)
+        assert torch.equal(a.context, b.context) and torch.equal(a.targets, b.targets), f"step {step}"
+        assert (a.context_lens is None) == (b.context_lens is None)
+        if a.context_lens is not None:
+            assert torch.equal(a.context_lens, b.context_lens)
+    assert py.sample(0, 3).context.shape[1] == cc.sample(0, 3).context.shape[1] == 0
+
+
+@pytest.mark.parametrize("mode", ["reference", "default"])
+def test_sampler_cpp_packed_output_matches_packing(mode):
+    from ijepa_fast.packing import pack
+
+    mod = _native_or_skip()
+    s = MultiBlockSampler((16, 16), cfg(mode=mode, num_context=2), seed=3, impl="python")
+    idx, cu, targets, sizes = mod.sample_packed(*s._native_args(12, 5))
+    p = pack(s.sample(12, 5))
+    assert torch.equal(idx, p.ctx_idx) and torch.equal(cu, p.ctx_meta.cu_seqlens) and cu.dtype == torch.int32
+    assert torch.equal(targets, p.targets)
+    assert tuple(sizes.tolist()) == tuple(v for hw in s.block_sizes(5) for v in hw)
+
+
+def test_sampler_python_fallback_without_extension(tmp_path):
+    """No compiler (or IJEPA_FAST_NO_EXT=1): 'auto' falls back to Python with a logged reason,
+    'cpp' says what to do."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import torch; from ijepa_fast.config import MaskConfig; from ijepa_fast.masks import MultiBlockSampler\n"
+              "from ijepa_fast.masks import native\n"
+              "s = MultiBlockSampler((16, 16), MaskConfig(), impl='auto'); s(4)\n"
+              "print('fallback', native.load() is None, native.reason())\n"
+              "try:\n    MultiBlockSampler((16, 16), MaskConfig(), impl='cpp')(4)\n"
+              "except RuntimeError as e:\n    print('cpp error:', e)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "CXX": str(tmp_path / "no-compiler"), "MAX_JOBS": "1"}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fallback True" in p.stdout and "mask.sampler=cpp but the compiled sampler is unavailable" in p.stdout
+    env["IJEPA_FAST_NO_EXT"] = "1"
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "fallback True IJEPA_FAST_NO_EXT=1" in p.stdout

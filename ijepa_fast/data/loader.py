@@ -31,10 +31,11 @@ class Batch:
     epoch: int
     labels: torch.Tensor | None = None
     skipped: list = field(default_factory=list)  # names of unusable files replaced in this batch
+    indices: list = field(default_factory=list)  # the source index of each image (after replacements)
 
     def pin_memory(self) -> Batch:
         return Batch(self.images.pin_memory(), self.masks.pin_memory(), self.step, self.epoch,
-                     None if self.labels is None else self.labels.pin_memory(), self.skipped)
+                     None if self.labels is None else self.labels.pin_memory(), self.skipped, self.indices)
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
@@ -80,7 +81,7 @@ class BatchBuilder(torch.utils.data.Dataset):
     def __getitem__(self, item) -> Batch:
         step, epoch, indices = item
         order = None
-        images, labels, skipped = [], [], []
+        images, labels, skipped, used = [], [], [], []
         labelled = getattr(self.source, "labels", None)
         for pos, idx in enumerate(indices):
             img, tries = self.source.load(idx), 0
@@ -94,11 +95,12 @@ class BatchBuilder(torch.utils.data.Dataset):
                 idx = order[(order.index(idx) + 1) % len(order)]
                 img = self.source.load(idx)
             images.append(self.transform(img, epoch, idx))
+            used.append(idx)
             if labelled is not None:
                 labels.append(labelled[idx])
         masks = self.sampler.sample(len(indices), step)
         lab = torch.tensor(labels) if labelled is not None else None
-        return Batch(torch.stack(images), masks, step, epoch, lab, skipped)
+        return Batch(torch.stack(images), masks, step, epoch, lab, skipped, used)
 
 
 def _identity(x):

@@ -19,6 +19,9 @@ Two modes (``MaskConfig.mode``):
 Randomness is seeded per step: the masks of step ``t`` depend only on ``(seed, t, rank)`` (see
 ``rng``), so a resumed run, a data-loader worker or the C++ sampler draws exactly the same masks.
 The block sizes depend on ``(seed, t)`` only, and are the same on every rank.
+
+Two implementations give bit-identical results: this file's Python, and the compiled one in
+``csrc/mask_sampler.cpp`` (``impl="cpp"``; ``"auto"`` uses it when it builds, see ``native``).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from ..config import ConfigError
 from .rng import MASK64, Stream, derive
 
 MODES = ("default", "reference")
+IMPLS = ("auto", "cpp", "python")
 RETRIES_PER_RELAXATION = 20
 
 
@@ -111,15 +115,31 @@ class MultiBlockSampler:
     seed: the run's seed. rank: this process's rank (images differ across ranks, sizes do not).
     """
 
-    def __init__(self, grid, cfg, seed: int = 0, rank: int = 0):
+    def __init__(self, grid, cfg, seed: int = 0, rank: int = 0, impl: str | None = None):
         if cfg.mode not in MODES:
             raise ValueError(f"mask.mode must be one of {MODES}, got {cfg.mode!r}")
+        impl = impl or getattr(cfg, "sampler", "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"mask.sampler must be one of {IMPLS}, got {impl!r}")
         self.grid = (int(grid[0]), int(grid[1]))
         self.cfg = cfg
         self.seed = int(seed)
         self.rank = int(rank)
+        self.impl = impl
         self.step = 0  # the step whose masks the next call draws
         self._check_config()
+
+    def native(self):
+        """The compiled sampler module, or None when this sampler runs the Python path."""
+        if self.impl == "python":
+            return None
+        from . import native
+
+        mod = native.load()
+        if mod is None and self.impl == "cpp":
+            raise RuntimeError(f"mask.sampler=cpp but the compiled sampler is unavailable ({native.reason()}); "
+                               f"use mask.sampler=auto or python")
+        return mod
 
     # -- state, for checkpoints
     def state_dict(self) -> dict:
@@ -148,7 +168,28 @@ class MultiBlockSampler:
         """The masks of ``step`` for ``batch_size`` images (independent of any earlier call)."""
         (th, tw), (ch, cw) = self.block_sizes(step)
         self._check_sizes(th, tw, ch, cw)
+        mod = self.native()
+        if mod is not None:
+            return self._sample_native(mod, batch_size, step)
+        return self._sample_python(batch_size, step, th, tw, ch, cw)
+
+    def _native_args(self, batch_size: int, step: int) -> tuple:
         c = self.cfg
+        return (self.seed, step, self.rank, batch_size, self.grid[0], self.grid[1], c.mode == "reference",
+                c.num_targets, list(c.target_scale), list(c.target_aspect), c.num_context, list(c.context_scale),
+                c.min_keep, c.allow_overlap)
+
+    def _sample_native(self, mod, batch_size: int, step: int) -> MaskBatch:
+        context, lens, targets, _ = mod.sample(*self._native_args(batch_size, step))
+        if self.cfg.mode == "reference" or batch_size == 0 or bool((lens == lens.max()).all()):
+            return MaskBatch(context, targets)
+        return MaskBatch(context, targets, lens)
+
+    def _sample_python(self, batch_size: int, step: int, th, tw, ch, cw) -> MaskBatch:
+        c = self.cfg
+        if batch_size == 0:
+            empty = torch.zeros(c.num_context, 0, 0, dtype=torch.int64)
+            return MaskBatch(empty, torch.zeros(c.num_targets, 0, th * tw, dtype=torch.int64))
         shift = 0 if c.mode == "reference" else 1  # reference: exclusive bound, last position never drawn
         draws = [self._draw_image(Stream(derive(self.seed, step, self.rank, b)), th, tw, ch, cw, shift)
                  for b in range(batch_size)]
