@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
-from common import emit, environment, write_markdown
+from common import emit, environment, time_host, write_markdown
 
 SIZES = {"vit_base": (768, 12), "vit_huge": (1280, 32), "tiny": (80, 2)}
 PRED_DIM = 384
@@ -25,18 +24,12 @@ N_TARGETS = 4
 
 
 def bench(fn, device, repeats):
-    """Median milliseconds of fn()."""
+    """Median milliseconds of fn(): CUDA events through triton's do_bench on a GPU, host time elsewhere."""
     if device == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=max(repeats, 1) * 20, return_mode="median")
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(out)
+    return statistics.median(time_host(fn, repeats, warmup=1))
 
 
 def copy_bandwidth(device, repeats) -> float:

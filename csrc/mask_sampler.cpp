@@ -1,7 +1,7 @@
 // Multi-block mask sampler, the compiled twin of ijepa_fast/masks/multiblock.py.
 //
 // It draws exactly the numbers the Python sampler draws (the generator is specified bit for bit
-// in ijepa_fast/masks/rng.py: splitmix64 streams keyed by (seed, step, rank, image)), and follows
+// in ijepa_fast/masks/rng.py: splitmix64 streams keyed by (seed, step, global image position)), and follows
 // the same rules in the same order, so both return identical index tensors for the same seed.
 // Floating-point steps (block sizes) use IEEE double arithmetic without contraction
 // (-ffp-contract=off) and round half to even, as Python does.
@@ -113,11 +113,14 @@ ImageDraw draw_image(Stream st, const Config& c, Size t, Size cb, int64_t shift)
 // Returns (context [M, B, L], context lengths [M, B], targets [K, B, th * tw], sizes [4]).
 // Reference mode truncates every context to the batch minimum; default mode pads with index 0 to
 // the batch maximum (the lengths say which positions are real).
-std::vector<torch::Tensor> sample(int64_t seed, int64_t step, int64_t rank, int64_t batch, int64_t gh, int64_t gw,
+// Image b of this rank is image rank + b * world of the global batch (the data loader's sharding).
+std::vector<torch::Tensor> sample(int64_t seed, int64_t step, int64_t rank, int64_t world, int64_t batch, int64_t gh,
+                                  int64_t gw,
                                   bool reference, int64_t num_targets, std::vector<double> target_scale,
                                   std::vector<double> target_aspect, int64_t num_context,
                                   std::vector<double> context_scale, int64_t min_keep, bool allow_overlap) {
   TORCH_CHECK(batch >= 0 && gh > 1 && gw > 1, "mask sampler: need a batch size >= 0 and a grid of at least 2x2");
+  TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, "mask sampler: rank must be in 0 .. world-1");
   TORCH_CHECK(num_targets >= 1 && num_context >= 1, "mask sampler: need at least one target and one context block");
   TORCH_CHECK(target_scale.size() == 2 && target_aspect.size() == 2 && context_scale.size() == 2,
               "mask sampler: scales and aspects are (min, max) pairs");
@@ -136,7 +139,7 @@ std::vector<torch::Tensor> sample(int64_t seed, int64_t step, int64_t rank, int6
   for (int64_t b = 0; b < batch; ++b)
     draws.push_back(draw_image(
         Stream{derive(static_cast<uint64_t>(seed),
-                      {static_cast<uint64_t>(step), static_cast<uint64_t>(rank), static_cast<uint64_t>(b)})},
+                      {static_cast<uint64_t>(step), static_cast<uint64_t>(rank + b * world)})},
         c, t, cb, shift));
 
   auto opts = torch::TensorOptions().dtype(torch::kInt64);
@@ -176,12 +179,12 @@ std::vector<torch::Tensor> sample(int64_t seed, int64_t step, int64_t rank, int6
 }
 
 // The same draws, contexts packed: (indices [T], int32 cu_seqlens [M * B + 1], targets, sizes).
-std::vector<torch::Tensor> sample_packed(int64_t seed, int64_t step, int64_t rank, int64_t batch, int64_t gh,
-                                         int64_t gw, bool reference, int64_t num_targets,
+std::vector<torch::Tensor> sample_packed(int64_t seed, int64_t step, int64_t rank, int64_t world, int64_t batch,
+                                         int64_t gh, int64_t gw, bool reference, int64_t num_targets,
                                          std::vector<double> target_scale, std::vector<double> target_aspect,
                                          int64_t num_context, std::vector<double> context_scale, int64_t min_keep,
                                          bool allow_overlap) {
-  auto out = sample(seed, step, rank, batch, gh, gw, reference, num_targets, target_scale, target_aspect,
+  auto out = sample(seed, step, rank, world, batch, gh, gw, reference, num_targets, target_scale, target_aspect,
                     num_context, context_scale, min_keep, allow_overlap);
   auto& context = out[0];
   auto lens = reference ? torch::full_like(out[1], context.size(2)) : out[1];

@@ -55,7 +55,14 @@ def load_strict(module: torch.nn.Module, state: dict, what: str = "model") -> No
 
 
 def read_checkpoint(path) -> dict:
+    """A checkpoint as one dict in the published layout (a sharded one is consolidated first)."""
     path = Path(path)
+    if path.is_dir() or path.name.endswith(".dcp"):
+        from .train_state import consolidate
+
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return consolidate(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

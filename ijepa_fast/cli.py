@@ -4,6 +4,8 @@
     ijepa-fast config [CONFIG] [section.key=value ...] [--describe]  print the resolved config / every option
     ijepa-fast export CHECKPOINT OUT.safetensors [--which encoder]   export an encoder as safetensors
     ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
+    ijepa-fast extract CHECKPOINT --data DIR [--img 224 --tokens --out F]   features of a frozen encoder
+    ijepa-fast probe {linear,attentive,knn,lowshot} --train T --val V [--checkpoint C]   probe accuracy
 
 CONFIG is a YAML path or the name of a built-in config (``ijepa-fast config --list``).
 """
@@ -109,6 +111,92 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _encoder(args):
+    from .checkpoint import encoder_from_checkpoint
+
+    return encoder_from_checkpoint(args.checkpoint, args.which, args.num_heads)
+
+
+def _device(args):
+    import torch
+
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cmd_extract(args) -> int:
+    from .data import FolderImages
+    from .eval import extract, save
+
+    feats = extract(_encoder(args), FolderImages(args.data), args.img, args.batch, _device(args), args.tokens,
+                    args.workers)
+    feats.meta.update({"checkpoint": str(args.checkpoint), "which": args.which})
+    out = save(feats, args.out)
+    skipped = feats.meta["skipped"]
+    print(f"{len(feats)} images ({len(skipped)} unusable, skipped) -> {out}: features {tuple(feats.features.shape)}"
+          + (f", tokens {tuple(feats.tokens.shape)}" if feats.tokens is not None else ""))
+    return 0
+
+
+def _features(args, which: str, tokens: bool, classes=None):
+    """Features of the train or val split: a features file, or an image folder with --checkpoint."""
+    from pathlib import Path
+
+    from .data import FolderImages
+    from .eval import extract, load
+
+    path = Path(getattr(args, which) or Path(args.data) / which)
+    if path.is_file():
+        feats = load(path)
+    else:
+        if not args.checkpoint:
+            raise SystemExit(f"error: {path} is a folder: pass --checkpoint to extract its features")
+        feats = extract(_encoder(args), FolderImages(path), args.img, args.batch, _device(args), tokens, args.workers)
+    if tokens and feats.tokens is None:
+        raise SystemExit(f"error: the attentive probe needs patch tokens: extract {path} with --tokens")
+    if classes is not None and feats.meta.get("classes"):  # the same class names -> the same label numbers
+        mapping = {name: i for i, name in enumerate(classes)}
+        missing = [c for c in feats.meta["classes"] if c not in mapping]
+        if missing:
+            raise SystemExit(f"error: {which} has classes the train split lacks: {missing[:5]}")
+        remap = {i: mapping[c] for i, c in enumerate(feats.meta["classes"])}
+        feats.labels = feats.labels.apply_(lambda v: remap.get(v, v))
+    return feats
+
+
+def cmd_probe(args) -> int:
+    import json
+
+    from .eval import attentive_probe, knn_probe, linear_probe, lowshot
+
+    tokens = args.kind == "attentive"
+    train = _features(args, "train", tokens)
+    val = _features(args, "val", tokens, train.meta.get("classes") or None)
+    if (train.labels < 0).any() or (val.labels < 0).any():
+        raise SystemExit("error: probes need labels: use folders with one sub-folder per class (ImageNet layout)")
+    if args.kind == "linear":
+        res = linear_probe(train.features, train.labels, val.features, val.labels, epochs=args.epochs)
+    elif args.kind == "knn":
+        res = knn_probe(train.features, train.labels, val.features, val.labels, k=args.k)
+    elif args.kind == "attentive":
+        res = attentive_probe(train.tokens, train.labels, val.tokens, val.labels)
+    else:
+        if args.per_class is None and args.percent is None:
+            raise SystemExit("error: lowshot needs --per-class N or --percent P")
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+        res = lowshot(train.features, train.labels, val.features, val.labels, args.per_class, args.percent, seeds,
+                      epochs=args.epochs)
+    res.update({"train_images": len(train), "val_images": len(val)})
+    print(json.dumps(res))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    if args.md:
+        spread = f" ± {res['top1_std']:.2f}" if "top1_std" in res else ""
+        with open(args.md, "a") as f:
+            f.write(f"| {args.kind} | {len(train)} | {len(val)} | {res['top1']:.2f}{spread} | {res['top5']:.2f} |\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -154,6 +242,44 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     b.add_argument("--out", help="also append the JSON lines to this file")
     b.set_defaults(func=cmd_bench)
+
+    def encoder_args(q):
+        q.add_argument("--which", default="target_encoder", choices=("target_encoder", "encoder"),
+                       help="the EMA target encoder (the paper's choice) or the context encoder")
+        q.add_argument("--num-heads", type=int, help="only for non-standard widths in published checkpoints")
+        q.add_argument("--img", type=int, default=224, help="resolution (the positional table is interpolated)")
+        q.add_argument("--batch", type=int, default=64)
+        q.add_argument("--workers", type=int, default=2)
+        q.add_argument("--device", help="cuda or cpu (default: cuda when present; bf16 there)")
+
+    x = sub.add_parser("extract", help="features of a frozen encoder over an image folder",
+                       description="Average-pooled features (optionally every patch token), with labels and file "
+                                   "names, as .safetensors or .npy.")
+    x.add_argument("checkpoint")
+    x.add_argument("--data", required=True, metavar="DIR", help="an image folder (class sub-folders or flat)")
+    x.add_argument("--tokens", action="store_true", help="also keep every patch token")
+    x.add_argument("--out", default="features.safetensors")
+    encoder_args(x)
+    x.set_defaults(func=cmd_extract)
+
+    pr = sub.add_parser("probe", help="linear, attentive, kNN or low-shot probe accuracy",
+                        description="TRAIN and VAL are feature files (from extract) or image folders (with "
+                                    "--checkpoint); --data DIR means DIR/train and DIR/val. Prints top-1/top-5 "
+                                    "as JSON.")
+    pr.add_argument("kind", choices=("linear", "attentive", "knn", "lowshot"))
+    pr.add_argument("--train")
+    pr.add_argument("--val")
+    pr.add_argument("--data", metavar="DIR", help="a folder with train/ and val/ (ImageNet layout)")
+    pr.add_argument("--checkpoint", help="extract the features of image folders from this checkpoint")
+    pr.add_argument("--epochs", type=int, default=100)
+    pr.add_argument("--k", type=int, default=20, help="neighbours (knn)")
+    pr.add_argument("--per-class", type=int, help="labels per class (lowshot)")
+    pr.add_argument("--percent", type=float, help="percent of each class's labels (lowshot)")
+    pr.add_argument("--seeds", default="0,1,2", help="lowshot seeds")
+    pr.add_argument("--out", help="also append the JSON to this file")
+    pr.add_argument("--md", help="also append a Markdown table row (kind | train | val | top-1 | top-5)")
+    encoder_args(pr)
+    pr.set_defaults(func=cmd_probe)
     return p
 
 

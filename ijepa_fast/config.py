@@ -62,8 +62,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("folder", "'folder': images under data.path; 'demo': generated images (no files)",
-                      ("folder", "demo"))
+    source: str = opt("folder", "'folder': images under data.path; 'demo': generated images (no files); "
+                      "'digits': scikit-learn's handwritten digits, upsampled to data.demo_size",
+                      ("folder", "demo", "digits"))
     path: str | None = opt(None, "image folder: ImageNet layout (class sub-folders) or flat")
     batch_size: int = opt(128, "images per step per process")
     crop_size: int = opt(224, "training resolution (RandomResizedCrop output side)")
@@ -111,6 +112,13 @@ class OptimConfig:
                             ("linear", "cosine"))
     loss: str = opt("smooth_l1", "'smooth_l1' (released code, beta 1) or 'mse' (paper text)", ("smooth_l1", "mse"))
     grad_clip: float | None = opt(None, "clip the global gradient norm to this value (null = off)")
+    accum_steps: int = opt(1, "split each process's batch into this many micro-batches (gradient accumulation; "
+                           "less memory, the same step)")
+    lr_scaling: str = opt("none", "'none': the learning rates as given (the published recipes were tuned for a global "
+                          "batch of 2048); 'linear': multiplied by global batch / optim.base_batch", ("none", "linear"))
+    base_batch: int = opt(2048, "the global batch the learning rates are given for (lr_scaling=linear)")
+    on_nonfinite: str = opt("stop", "a NaN or infinite loss: 'stop' (checkpoint intact, clear message) or 'skip' "
+                            "the step (at most 10 in a row)", ("stop", "skip"))
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")
 
@@ -129,6 +137,13 @@ class PerfConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = opt("auto", "several processes: 'ddp' (DistributedDataParallel), 'fsdp' (FSDP2 fully_shard, "
+                        "sharded checkpoints), 'auto' (ddp), 'none'", ("auto", "ddp", "fsdp", "none"))
+    backend: str = opt("auto", "process group backend: 'auto' = nccl on GPUs, gloo on CPUs", ("auto", "nccl", "gloo"))
+
+
+@dataclass
 class RunConfig:
     out_dir: str = opt("runs", "parent folder of run folders")
     name: str | None = opt(None, "run folder name (null = config name and a timestamp)")
@@ -144,8 +159,13 @@ class RunConfig:
     log_every: int = opt(10, "steps between log rows")
     checkpoint_every: int = opt(0, "steps between checkpoints (0 = at the end of every epoch)")
     keep_every_epochs: int = opt(50, "also keep <tag>-ep<N>.pth.tar every N epochs (0 = never)")
+    keep_last: int = opt(2, "step checkpoints kept (the newest ones; <tag>-latest always names the newest)")
     resume: str | None = opt("auto", "'auto' = continue from the run folder's latest checkpoint; "
                                        "a path = start from that checkpoint; null = start fresh")
+    monitor_every: int = opt(200, "steps between collapse checks of the target features (0 = off)")
+    monitor_images: int = opt(256, "images the collapse monitor embeds")
+    collapse_std: float = opt(0.01, "warn when the target features' mean per-dimension std falls below this")
+    collapse_rank: float = opt(0.25, "warn when their effective rank falls below this fraction of its first value")
     progress: bool = opt(True, "show a progress bar")
     plot: bool = opt(True, "write loss.png into the run folder")
 
@@ -157,6 +177,7 @@ class Config:
     mask: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -349,6 +370,10 @@ def validate(cfg: Config) -> None:
     need(0 <= o.ema[0] <= o.ema[1] <= 1, "optim.ema", "needs 0 <= start <= end <= 1")
     need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be positive or null")
     need(cfg.run.log_every > 0, "run.log_every", "must be positive")
+    need(o.accum_steps >= 1 and d.batch_size % o.accum_steps == 0, "optim.accum_steps",
+         f"must divide data.batch_size={d.batch_size}")
+    need(not (cfg.dist.strategy == "fsdp" and cfg.perf.bf16_weights), "perf.bf16_weights",
+         "FSDP has its own bf16 parameters: leave perf.bf16_weights off with dist.strategy=fsdp")
 
 
 def describe(obj=None, prefix: str = "") -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 log = logging.getLogger("ijepa_fast")
 
 COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "grad_norm", "ctx_tokens", "tgt_tokens",
-           "step_ms", "images_per_s", "skipped", "mem_gib")
+           "step_ms", "images_per_s", "skipped", "mem_gib", "feat_std", "feat_std_min", "feat_rank")
 
 
 def setup_logging(run_dir: Path | None = None, rank: int = 0) -> None:

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -204,12 +205,24 @@ class IJEPA(nn.Module):
         m = masks.context.shape[0]
         return tv.reshape(k, 1, b, lt).expand(k, m, b, lt).reshape(k * m * b, lt)
 
+    def forward(self, images: torch.Tensor, masks) -> torch.Tensor:
+        """The loss (so that DDP or FSDP can wrap the whole module)."""
+        return self.loss(images, masks)
+
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * encoder, over every parameter (fp32
-        arithmetic; one fused kernel launch on CUDA)."""
-        ema_update_(list(self.target_encoder.parameters()), list(self.encoder.parameters()), momentum,
-                    backend=self.kernels)
+        arithmetic; one fused kernel launch on CUDA). Under FSDP each process updates its own
+        shards: the target encoder is sharded exactly like the encoder."""
+        def local(t):
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        for part in (self.encoder, self.target_encoder):  # FSDP: back to the sharded parameters
+            for mod in part.modules():
+                if callable(getattr(mod, "reshard", None)):
+                    mod.reshard()
+        ema_update_([local(p) for p in self.target_encoder.parameters()],
+                    [local(p) for p in self.encoder.parameters()], momentum, backend=self.kernels)
 
 
 def param_groups(model: IJEPA) -> list[dict]:
@@ -255,30 +268,58 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def micro_batches(images: torch.Tensor, masks, n: int):
+    """Split a batch (and its masks) into ``n`` equal parts, for gradient accumulation."""
+    if n == 1:
+        return [(images, masks)]
+    b = images.shape[0]
+    if b % n or isinstance(masks, PackedMasks):
+        raise ValueError(f"optim.accum_steps={n} must divide the per-process batch of {b} (unpacked masks)")
+    size = b // n
+    return [(images[i:i + size], masks.slice(i, i + size)) for i in range(0, b, size)]
+
+
 def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Tensor, masks: MaskBatch,
                step: int, schedules, precision: str = "auto", grad_clip: float | None = None,
-               master=None) -> StepResult:
+               master=None, forward=None, accum_steps: int = 1, agree=None) -> StepResult:
     """One step: set LR/WD, forward, backward, (clip), AdamW, EMA update of the target encoder.
 
     ``master``: a ``perf.MasterWeights`` whose fp32 ``master`` is ``model`` (the optimiser's): the
-    forward and backward then run on its bf16 compute copy without autocast.
+    forward and backward then run on its bf16 compute copy without autocast. ``forward``: the
+    module to call for the loss (a DDP / FSDP wrapper; default the model itself).
+    ``accum_steps``: the batch runs as that many micro-batches whose gradients add up (the
+    data-parallel reduction happens on the last). ``agree(flag)``: makes every process reach the
+    same verdict on a finite loss (the distributed trainer passes an all-reduce).
 
     Raises FloatingPointError, before the optimiser or the target encoder is touched, when the
     loss is not finite.
     """
     lr, wd = schedules.apply(optimizer, step)
-    if master is not None:
-        loss = master.compute.loss(images.to(master.dtype), masks)
-    else:
-        dtype = autocast_dtype(images.device, precision)
-        with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model.loss(images, masks)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        optimizer.zero_grad(set_to_none=True)
-        (master.compute if master is not None else model).zero_grad(set_to_none=True)
-        raise FloatingPointError(f"loss is {value} at step {step}")
-    loss.backward()
+    runner = forward or (master.compute if master is not None else model)
+    parts = micro_batches(images, masks, accum_steps)
+    value = 0.0
+    for i, (x, m) in enumerate(parts):
+        last = i == len(parts) - 1
+        sync = runner.no_sync() if not last and hasattr(runner, "no_sync") else contextlib.nullcontext()
+        with sync:
+            if master is not None:
+                loss = runner(x.to(master.dtype), m)
+            else:
+                dtype = autocast_dtype(x.device, precision)
+                with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss = runner(x, m)
+            loss = loss / len(parts)
+            part = float(loss.detach())
+            finite = math.isfinite(part)
+            if agree is not None:
+                finite = agree(finite)
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                runner.zero_grad(set_to_none=True)
+                where = f"loss is {part}" if not math.isfinite(part) else "the loss is not finite on another process"
+                raise FloatingPointError(f"{where} at step {step}")
+            loss.backward()
+        value += part
     if master is not None:
         master.sync_grads()
     grad_norm = None

@@ -2,7 +2,9 @@
 
 ``Trainer(cfg).run()`` trains and returns the run folder, which holds ``config.yaml`` (the
 resolved config), ``train.log``, ``metrics.jsonl`` / ``metrics.csv``, ``loss.png`` and the
-checkpoints ``<tag>-latest.pth.tar`` (and ``<tag>-ep<N>.pth.tar`` every ``keep_every_epochs``).
+checkpoints (see ``train_state``). It runs as one process, or as one of many under ``torchrun``
+or ``srun`` (see ``distributed``). It resumes from the run folder's newest checkpoint, checkpoints
+and exits cleanly on SIGTERM / SIGUSR1, and stops on a non-finite loss before anything is updated.
 """
 from __future__ import annotations
 
@@ -13,15 +15,19 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, perf
-from .checkpoint import CheckpointError, add_prefix, load_strict, read_checkpoint, rng_state, save_atomic, set_rng_state
+from . import __version__, distributed, perf
+from .checkpoint import add_prefix
 from .config import Config, dump_config
-from .data import build_source, make_loader, transform_from_config
+from .data import build_loader, build_source
 from .kernels.dispatch import describe as describe_kernels
 from .masks import MultiBlockSampler
+from .monitor import CollapseMonitor
 from .runlog import MetricsWriter, Progress, log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import IJEPA, make_optimizer, train_step
+from .train_state import CheckpointManager, is_sharded, load_file, load_sharded, resolve
+
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 class TrainingStopped(RuntimeError):
@@ -30,18 +36,21 @@ class TrainingStopped(RuntimeError):
 
 def describe_attention(cfg: Config, device: torch.device) -> str:
     """Which attention runs: dense / padded batches, and packed variable-length sequences."""
-    from .models.varlen import resolve
+    from .models.varlen import resolve as resolve_attn
 
     half = device.type == "cuda" and (cfg.perf.bf16_weights or cfg.run.precision in ("auto", "bf16"))
     probe = torch.empty(0, device=device, dtype=torch.bfloat16 if half else torch.float32)
-    packed = resolve(cfg.model.varlen_attn, probe)
+    packed = resolve_attn(cfg.model.varlen_attn, probe)
     return (f"attention: {cfg.model.attn} for dense batches; layout {cfg.model.layout}, packed sequences with "
             f"{packed}" + (" (auto)" if cfg.model.varlen_attn == "auto" else ""))
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, env: distributed.DistEnv | None = None) -> torch.device:
+    """'auto' -> the process's GPU (cuda:LOCAL_RANK under a launcher) or the CPU."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", (env.local_rank if env else 0) % torch.cuda.device_count())
+        return torch.device("cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={spec} but CUDA is not available here; use run.device=cpu or auto")
@@ -49,19 +58,38 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def make_run_dir(cfg: Config, config_name: str) -> Path:
+    """The run folder: run.dir, or out_dir/name (named by rank 0, shared with every rank)."""
     if cfg.run.dir:
         path = Path(cfg.run.dir)
     else:
-        name = cfg.run.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path = Path(cfg.run.out_dir) / name
+        name = [cfg.run.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if distributed.active():
+            torch.distributed.broadcast_object_list(name, src=0)
+        path = Path(cfg.run.out_dir) / name[0]
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+def scaled_optim(cfg: Config, global_batch: int):
+    """The optimisation settings with the learning rates scaled as optim.lr_scaling says."""
+    import dataclasses
+
+    o = cfg.optim
+    if o.lr_scaling == "none":
+        return o, 1.0
+    f = global_batch / o.base_batch
+    return dataclasses.replace(o, lr=o.lr * f, start_lr=o.start_lr * f, final_lr=o.final_lr * f), f
+
+
 class Trainer:
-    def __init__(self, cfg: Config, config_name: str = "run", rank: int = 0, world: int = 1):
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.device = resolve_device(cfg.run.device)
+    def __init__(self, cfg: Config, config_name: str = "run", source=None, env: distributed.DistEnv | None = None):
+        """``source``: an image source to train on instead of the one ``cfg.data`` names (anything
+        with ``__len__``, ``load(i)`` -> RGB PIL image or None, ``name(i)`` and optional ``labels``).
+        ``env``: the process's place among several (default: read from the launcher's variables)."""
+        self.cfg = cfg
+        self.env = env or distributed.read_env()
+        self.rank, self.world = self.env.rank, self.env.world
+        self.device = resolve_device(cfg.run.device, self.env)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if cfg.run.deterministic:
@@ -69,27 +97,37 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         side = cfg.data.crop_size // cfg.model.patch_size  # checked before anything is written
-        self.sampler = MultiBlockSampler((side, side), cfg.mask, seed=cfg.run.seed, rank=rank)
+        self.sampler = MultiBlockSampler((side, side), cfg.mask, seed=cfg.run.seed, rank=self.rank, world=self.world)
+        distributed.init(self.env, self.device, cfg.dist.backend)
         self.run_dir = make_run_dir(cfg, config_name)
-        setup_logging(self.run_dir, rank)
-        dump_config(cfg, self.run_dir / "config.yaml")
-        self.source = build_source(cfg.data, cfg.run.seed)
-        self.steps_per_epoch = len(self.source) // (cfg.data.batch_size * world)
+        setup_logging(self.run_dir, self.rank)
+        if self.rank == 0:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.source = source if source is not None else build_source(cfg.data, cfg.run.seed)
+        self.global_batch = cfg.data.batch_size * self.world
+        self.steps_per_epoch = len(self.source) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.source)} images are fewer than one global batch of "
-                             f"{cfg.data.batch_size * world}; lower data.batch_size")
+            raise ValueError(f"{len(self.source)} images are fewer than one global batch of {self.global_batch}; "
+                             f"lower data.batch_size")
+        optim, self.lr_factor = scaled_optim(cfg, self.global_batch)
+        self.schedules = Schedules.from_config(optim, self.steps_per_epoch)
         torch.manual_seed(cfg.run.seed)
         self.model = IJEPA.from_config(cfg).to(self.device)
-        o = cfg.optim
-        self.optimizer = make_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps,
-                                        perf.optimizer_impl(cfg.perf, self.device))
-        self.schedules = Schedules.from_config(o, self.steps_per_epoch)
-        self.step = 0
-        self.latest = self.run_dir / f"{cfg.run.tag}-latest.pth.tar"
+        self.strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else "ddp"
+        self.strategy = self.strategy if self.world > 1 else "none"
         self._describe()
-        self._maybe_resume()
-        # the speed-ups, after resuming: a bf16 compute copy must start from the loaded weights
+        # the speed-ups and the wrappers, in a fixed order: bf16 copy, checkpointing, compile, DDP/FSDP
         self.run_model, self.master = perf.apply(self.model, cfg.perf, self.device)
+        self.forward = distributed.wrap(self.run_model, self.strategy, self.device, cfg.optim.accum_steps == 1)
+        self.optimizer = make_optimizer(self.model, optim.lr, optim.weight_decay, optim.betas, optim.eps,
+                                        perf.optimizer_impl(cfg.perf, self.device))
+        self.ckpt = CheckpointManager(self.run_dir, cfg.run.tag, cfg.run.keep_last, cfg.run.keep_every_epochs,
+                                      sharded=self.strategy == "fsdp", rank=self.rank)
+        self.step = 0
+        self._skips = 0  # non-finite steps skipped in a row (optim.on_nonfinite=skip)
+        self._maybe_resume()
+        if self.master is not None:
+            self.master.sync_params()  # the bf16 copy starts from the (possibly loaded) masters
 
     # -- set-up
     def _describe(self):
@@ -106,82 +144,64 @@ class Trainer:
         log.info(f"model {c.model.name}/{c.model.patch_size} at {c.data.crop_size}px (grid {m.grid[0]}x{m.grid[1]}): "
                  f"encoder {n_enc / 1e6:.2f}M params, predictor {n_pred / 1e6:.2f}M "
                  f"({c.model.pred_depth}x{c.model.pred_dim}); attention {c.model.attn}; loss {c.optim.loss}")
-        log.info(f"data: {self.source.root}: {len(self.source)} images, batch {c.data.batch_size} x {self.world} "
-                 f"processes = {c.data.batch_size * self.world}; {self.steps_per_epoch} steps/epoch x {c.optim.epochs} "
-                 f"epochs; masks {c.mask.mode}")
-
-    def _resume_path(self) -> Path | None:
-        r = self.cfg.run.resume
-        if r is None or r == "":
-            return None
-        if r == "auto":
-            return self.latest if self.latest.exists() else None
-        return Path(r)
+        scaling = ("not scaled" if c.optim.lr_scaling == "none" else
+                   f"scaled x{self.lr_factor:.3g} (global batch / {c.optim.base_batch})")
+        log.info(f"data: {self.source.root}: {len(self.source)} images; global batch {self.global_batch} = "
+                 f"{c.data.batch_size} x {self.world} process(es)"
+                 + (f" ({c.optim.accum_steps} micro-batches each)" if c.optim.accum_steps > 1 else "")
+                 + f"; {self.steps_per_epoch} steps/epoch x {c.optim.epochs} epochs; peak lr "
+                 f"{self.schedules.lr:.3g} ({scaling}); masks {c.mask.mode}; parallelism {self.strategy}")
 
     def _maybe_resume(self):
-        path = self._resume_path()
+        r = self.cfg.run.resume
+        path = self.ckpt.find_latest() if r == "auto" else (Path(r) if r else None)
         if path is None:
             return
-        ckpt = read_checkpoint(path)
-        for name in ("encoder", "predictor", "target_encoder"):
-            if name not in ckpt:
-                raise CheckpointError(f"{path} has no {name!r} entry; cannot resume from it")
-            load_strict(getattr(self.model, name), ckpt[name], name)
-        if ckpt.get("opt") is not None:
-            try:
-                self.optimizer.load_state_dict(ckpt["opt"])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{path}: optimiser state does not fit this model ({e})") from None
-        extra = ckpt.get("ijepa_fast")
-        if extra:
+        path = resolve(path)
+        if is_sharded(path):
+            extra = load_sharded(path, self.model, self.optimizer, self.rank)
+        else:
+            extra = load_file(path, self.model, self.optimizer)
+        if "step" in extra:
             self.step = int(extra["step"])
             self.sampler.load_state_dict(extra["sampler"])
-            set_rng_state(extra["rng"])
-            if extra.get("global_batch") not in (None, self.cfg.data.batch_size * self.world):
-                log.warning(f"the checkpoint was trained with a global batch of {extra['global_batch']}, this run uses "
-                            f"{self.cfg.data.batch_size * self.world}: data order and schedules shift")
+            if extra.get("global_batch") not in (None, self.global_batch):
+                log.warning(f"the checkpoint was trained with a global batch of {extra['global_batch']}, this run "
+                            f"uses {self.global_batch}: data order and schedules shift")
         else:  # a published checkpoint: the reference resumes at the start of the saved epoch
-            self.step = int(ckpt.get("epoch", 0)) * self.steps_per_epoch
+            self.step = extra["epoch"] * self.steps_per_epoch
             self.sampler.step = self.step
         log.info(f"resumed from {path} at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})")
 
     # -- checkpoints
+    def train_state(self) -> dict:
+        """What an exact resume needs besides the weights and the optimiser."""
+        c, m = self.cfg, self.model
+        epoch = self.step // self.steps_per_epoch
+        blocks = m.predictor.predictor_blocks
+        return {"version": __version__, "step": self.step, "sampler": self.sampler.state_dict(),
+                "data": {"epoch": epoch, "batch": self.step % self.steps_per_epoch},
+                "global_batch": self.global_batch, "num_heads": m.encoder.num_heads,
+                "pred_heads": blocks[0].attn.num_heads if len(blocks) else None, "config": c.to_dict()}
+
     def save(self, loss_avg: float) -> Path:
-        c = self.cfg
-        m = self.model
+        from .checkpoint import rng_state
+
+        c, m = self.cfg, self.model
         self.sampler.step = self.step  # workers drew by step number; the next draw is this step's
         epoch = self.step // self.steps_per_epoch
-        state = {
-            "encoder": add_prefix(m.encoder.state_dict()),
-            "predictor": add_prefix(m.predictor.state_dict()),
-            "target_encoder": add_prefix(m.target_encoder.state_dict()),
-            "opt": self.optimizer.state_dict(),
-            "scaler": None,
-            "epoch": epoch,
-            "loss": loss_avg,
-            "batch_size": c.data.batch_size,
-            "world_size": self.world,
-            "lr": c.optim.lr,
-            "ijepa_fast": {
-                "version": __version__, "step": self.step, "sampler": self.sampler.state_dict(), "rng": rng_state(),
-                "data": {"epoch": epoch, "batch": self.step % self.steps_per_epoch},
-                "global_batch": c.data.batch_size * self.world, "num_heads": m.encoder.num_heads,
-                "pred_heads": m.predictor.predictor_blocks[0].attn.num_heads if len(m.predictor.predictor_blocks)
-                else None, "config": c.to_dict(),
-            },
-        }
-        if self.rank == 0:
-            save_atomic(state, self.latest)
-            keep = c.run.keep_every_epochs
-            if keep and self.step % self.steps_per_epoch == 0 and epoch % keep == 0 and epoch > 0:
-                save_atomic(state, self.run_dir / f"{c.run.tag}-ep{epoch}.pth.tar")
-        return self.latest
+        extra = self.train_state()
+        if self.ckpt.sharded:
+            return self.ckpt.save_sharded(self.model, self.optimizer, extra, self.step)
+        state = {"encoder": add_prefix(m.encoder.state_dict()), "predictor": add_prefix(m.predictor.state_dict()),
+                 "target_encoder": add_prefix(m.target_encoder.state_dict()), "opt": self.optimizer.state_dict(),
+                 "scaler": None, "epoch": epoch, "loss": loss_avg, "batch_size": c.data.batch_size,
+                 "world_size": self.world, "lr": c.optim.lr, "ijepa_fast": {**extra, "rng": rng_state()}}
+        return self.ckpt.save_file(state, self.step, epoch, self.step % self.steps_per_epoch == 0)
 
     def _checkpoint_due(self) -> bool:
         every = self.cfg.run.checkpoint_every
-        if every:
-            return self.step % every == 0
-        return self.step % self.steps_per_epoch == 0
+        return self.step % (every or self.steps_per_epoch) == 0
 
     # -- the loop
     def run(self) -> Path:
@@ -191,68 +211,69 @@ class Trainer:
         if self.step >= stop:
             log.info(f"nothing to do: the run is at step {self.step} of {stop}")
             return self.run_dir
-        loader = self._loader(stop)
-        writer = MetricsWriter(self.run_dir, self.step)
+        loader = self.make_loader(stop)
+        writer = MetricsWriter(self.run_dir, self.step) if self.rank == 0 else None
+        self.monitor = CollapseMonitor(self.source, c.data.crop_size, c.run, c.run.seed, self.device)
         bar = Progress(stop, self.step, c.run.progress and self.rank == 0)
         losses, skipped, saved_at, t_start, first = [], 0, -1, time.time(), self.step
-        t_last, logged_at = time.time(), self.step
-        try:
-            for batch in loader:
-                res = self._one_step(batch)
-                self.step = batch.step + 1
-                losses.append(res.loss)
-                skipped += len(batch.skipped)
-                if batch.skipped:
-                    log.warning(f"skipped {len(batch.skipped)} unusable image(s) (total {skipped}): "
-                                f"{', '.join(batch.skipped[:3])}")
-                bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
-                if self.step % c.run.log_every == 0 or self.step == stop:
-                    now = time.time()
-                    writer.write(self._row(batch, res, (now - t_last) / (self.step - logged_at), skipped))
-                    t_last, logged_at = now, self.step
-                if self._checkpoint_due():
-                    self.save(sum(losses[-self.steps_per_epoch:]) / len(losses[-self.steps_per_epoch:]))
-                    saved_at = self.step
-        finally:
-            bar.close()
+        t_last, logged_at, skipped_steps = time.time(), self.step, 0
+        with distributed.StopSignals() as signals:
+            try:
+                for batch in loader:
+                    res = self._one_step(batch)
+                    self.step = batch.step + 1
+                    skipped_steps = skipped_steps + 1 if res is None else 0
+                    if res is not None:
+                        losses.append(res.loss)
+                        bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
+                    skipped += len(batch.skipped)
+                    if batch.skipped:
+                        log.warning(f"skipped {len(batch.skipped)} unusable image(s) (total {skipped}): "
+                                    f"{', '.join(batch.skipped[:3])}")
+                    monitored = self.monitor.measure(self.model) if self.monitor.due(self.step) else {}
+                    if res is not None and (self.step % c.run.log_every == 0 or self.step == stop or monitored):
+                        now = time.time()
+                        row = self._row(batch, res, (now - t_last) / (self.step - logged_at), skipped)
+                        if writer:
+                            writer.write({**row, **monitored})
+                        t_last, logged_at = now, self.step
+                    if self._checkpoint_due():
+                        self.save(_mean(losses[-self.steps_per_epoch:]))
+                        saved_at = self.step
+                    if distributed.any_rank(signals.received is not None, self.device):
+                        if saved_at != self.step:
+                            self.save(_mean(losses[-50:]))
+                            saved_at = self.step
+                        log.warning(f"{signals.received or 'a stop signal on another process'}: checkpoint at step "
+                                    f"{self.step} written ({self.ckpt.latest}); exiting. Run the same command to "
+                                    f"resume.")
+                        return self.run_dir
+            finally:
+                bar.close()
         if saved_at != self.step:
-            self.save(sum(losses[-50:]) / len(losses[-50:]))
+            self.save(_mean(losses[-50:]))
+        self._summary(first, t_start, losses, skipped)
+        return self.run_dir
+
+    def make_loader(self, stop: int):
+        """The batches of steps self.step .. stop-1 of this process."""
+        c = self.cfg
+        return build_loader(self.source, c.data, self.sampler, self.step, stop, c.run.seed, self.rank, self.world,
+                            self.device, self._workers(), log)
+
+    def _summary(self, first, t_start, losses, skipped):
+        c = self.cfg
         elapsed = time.time() - t_start
         done = self.step - first
-        log.info(f"finished {done} steps in {elapsed:.1f}s ({done * c.data.batch_size * self.world / elapsed:.1f} "
-                 f"images/s); loss {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} "
-                 f"(mean of the last 10); skipped images: {skipped}")
+        if losses:
+            log.info(f"finished {done} steps in {elapsed:.1f}s ({done * self.global_batch / elapsed:.1f} images/s); "
+                     f"loss {losses[0]:.4f} -> {_mean(losses[-10:]):.4f} (mean of the last 10); skipped images: "
+                     f"{skipped}")
         if c.run.plot and self.rank == 0:
             png = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
             if png:
                 log.info(f"loss plot: {png}")
-        log.info(f"checkpoint: {self.latest}")
-        return self.run_dir
-
-    def _loader(self, stop: int):
-        """DALI or the PIL loader (data.loader), over steps self.step .. stop-1."""
-        from .data import dali
-        from .data.images import FolderImages
-
-        c = self.cfg
-        transform = transform_from_config(c.data, c.run.seed)
-        want = c.data.loader
-        version = dali.available()
-        folder = isinstance(self.source, FolderImages)
-        use = want == "dali" or (want == "auto" and self.device.type == "cuda")
-        if use and (version is None or not folder):
-            if want == "dali":
-                log.warning("data.loader=dali but " + ("DALI is not installed (pip install nvidia-dali-cuda130)"
-                                                       if version is None else "the data is not an image folder")
-                            + "; using the PIL loader")
-            use = False
-        if use:
-            log.info(f"data loader: DALI {version}, decoding on the {'GPU' if self.device.type == 'cuda' else 'CPU'}")
-            return dali.DaliLoader(self.source, c.data, self.sampler, c.data.batch_size, self.step, stop, c.run.seed,
-                                   self.rank, self.world, self.device, max(1, self._workers()), transform)
-        log.info(f"data loader: Pillow in {self._workers()} worker process(es)")
-        return make_loader(self.source, transform, self.sampler, c.data.batch_size, self.step, stop, c.run.seed,
-                           self.rank, self.world, self._workers(), c.data.pin_memory and self.device.type == "cuda")
+        log.info(f"checkpoint: {self.ckpt.latest}")
 
     def _workers(self) -> int:
         want = self.cfg.data.num_workers
@@ -264,31 +285,51 @@ class Trainer:
 
     def _one_step(self, batch):
         images = batch.images.to(self.device, non_blocking=True)
-        # packing (when the layout says so) is integer bookkeeping, done here on the CPU
-        masks = self.run_model.prepare(batch.masks).to(self.device, non_blocking=True)
+        masks = batch.masks
+        if self.cfg.optim.accum_steps == 1:  # packing (when the layout says so) is integer bookkeeping: do it here
+            masks = self.run_model.prepare(masks)
+        masks = masks.to(self.device, non_blocking=True)
+        agree = (lambda f: distributed.all_agree(f, self.device)) if distributed.active() else None
         try:
-            return train_step(self.model, self.optimizer, images, masks, batch.step, self.schedules,
-                              self.cfg.run.precision, self.cfg.optim.grad_clip, self.master)
+            res = train_step(self.model, self.optimizer, images, masks, batch.step, self.schedules,
+                             self.cfg.run.precision, self.cfg.optim.grad_clip, self.master, self.forward,
+                             self.cfg.optim.accum_steps, agree)
+            self._skips = 0
+            return res
         except FloatingPointError as e:
-            last = f"{self.latest}" if self.latest.exists() else "none written yet"
+            if self.cfg.optim.on_nonfinite == "skip" and self._skips < MAX_SKIPPED_IN_A_ROW:
+                self._skips += 1
+                log.warning(f"{e}: step skipped (optim.on_nonfinite=skip; {self._skips} in a row)")
+                return None
+            last = self.ckpt.find_latest()
             log.error(f"{e}: stopping. The model and optimiser were not updated by this step; the last good "
-                      f"checkpoint is {last}. Resume from it with a lower optim.lr or optim.grad_clip set.")
+                      f"checkpoint is {last or 'none written yet'}. Resume from it with a lower optim.lr or "
+                      f"optim.grad_clip set.")
             raise TrainingStopped(str(e)) from None
 
     def _row(self, batch, res, sec_per_step: float, skipped: int) -> dict:
         ctx, tgt = batch.masks.mean_tokens()
-        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": res.loss, "lr": res.lr,
+        loss = distributed.all_reduce_mean(res.loss, self.device)  # the global batch's loss, for the log
+        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss, "lr": res.lr,
                "wd": res.wd, "momentum": res.momentum, "grad_norm": res.grad_norm, "ctx_tokens": ctx,
                "tgt_tokens": tgt, "step_ms": round(sec_per_step * 1e3, 2),
-               "images_per_s": round(self.cfg.data.batch_size * self.world / sec_per_step, 1) if sec_per_step else None,
+               "images_per_s": round(self.global_batch / sec_per_step, 1) if sec_per_step else None,
                "skipped": skipped}
         if self.device.type == "cuda":
             row["mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-        if not math.isfinite(res.loss):
+        if not math.isfinite(loss):
             row["loss"] = None
         return row
 
 
-def train(cfg: Config, config_name: str = "run") -> Path:
-    """Train as ``cfg`` says and return the run folder."""
-    return Trainer(cfg, config_name).run()
+def _mean(xs) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def train(cfg: Config, config_name: str = "run", source=None) -> Path:
+    """Train as ``cfg`` says (on ``source`` if given) and return the run folder."""
+    trainer = Trainer(cfg, config_name, source=source)
+    try:
+        return trainer.run()
+    finally:
+        distributed.shutdown()

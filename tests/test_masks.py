@@ -90,7 +90,8 @@ def _untruncated_counts(sampler, batch, step):
     shift = 0 if sampler.cfg.mode == "reference" else 1
     counts = []
     for b in range(batch):
-        tgt, ctx = sampler._draw_image(Stream(derive(sampler.seed, step, sampler.rank, b)), th, tw, ch, cw, shift)
+        key = derive(sampler.seed, step, sampler.rank + b * sampler.world)
+        tgt, ctx = sampler._draw_image(Stream(key), th, tw, ch, cw, shift)
         top, left, n = ctx[0]
         cells = {(r, c) for r in range(top, top + ch) for c in range(left, left + cw)}
         for (tt, tl) in tgt[:n]:
@@ -157,9 +158,25 @@ def test_sampler_seeded_per_step_and_stateful_counter():
     assert not torch.equal(other_seed.targets, b.targets)
 
 
+def test_sampler_global_batch_is_the_same_on_any_number_of_processes():
+    """Image b of rank r is image r + b * world of the global batch: a batch of 12 drawn by one
+    process equals the same 12 images drawn by 3 ranks of 4 (default mode: nothing truncated)."""
+    one = MultiBlockSampler((16, 16), cfg(), seed=4).sample(12, 9)
+    real = one.context_lens[0] if one.context_lens is not None else torch.full((12,), one.context.shape[-1])
+    for rank in range(3):
+        part = MultiBlockSampler((16, 16), cfg(), seed=4, rank=rank, world=3).sample(4, 9)
+        lens = part.context_lens[0] if part.context_lens is not None else torch.full((4,), part.context.shape[-1])
+        for b in range(4):
+            g = rank + b * 3
+            assert torch.equal(part.targets[:, b], one.targets[:, g])
+            assert torch.equal(part.context[0, b, : lens[b]], one.context[0, g, : real[g]])
+    with pytest.raises(ValueError, match="rank"):
+        MultiBlockSampler((16, 16), cfg(), rank=3, world=3)
+
+
 def test_sampler_ranks_share_sizes_not_positions():
-    r0 = MultiBlockSampler((16, 16), cfg(), seed=1, rank=0).sample(8, 4)
-    r1 = MultiBlockSampler((16, 16), cfg(), seed=1, rank=1).sample(8, 4)
+    r0 = MultiBlockSampler((16, 16), cfg(), seed=1, rank=0, world=2).sample(8, 4)
+    r1 = MultiBlockSampler((16, 16), cfg(), seed=1, rank=1, world=2).sample(8, 4)
     assert r0.targets.shape == r1.targets.shape
     assert not torch.equal(r0.targets, r1.targets)
 
@@ -184,7 +201,7 @@ def test_sampler_relaxes_constraints_when_context_is_too_small():
     assert (lens > 8).all()
     relaxed = 0
     for b in range(16):
-        tgt, ctx = s._draw_image(Stream(derive(s.seed, 0, s.rank, b)), th, tw, ch, cw, 1)
+        tgt, ctx = s._draw_image(Stream(derive(s.seed, 0, s.rank + b * s.world)), th, tw, ch, cw, 1)
         n = ctx[0][2]
         relaxed += n < 4
         real = set(mb.context[0, b, : int(lens[0, b])].tolist())
@@ -217,8 +234,8 @@ SAMPLER_CASES = [((16, 16), {}), ((14, 14), {"num_context": 2}), ((8, 8), {"min_
 def test_sampler_cpp_bit_identical_to_python(mode, grid, kw):
     _native_or_skip()
     c = cfg(mode=mode, **kw)
-    py = MultiBlockSampler(grid, c, seed=7, rank=1, impl="python")
-    cc = MultiBlockSampler(grid, c, seed=7, rank=1, impl="cpp")
+    py = MultiBlockSampler(grid, c, seed=7, rank=1, world=3, impl="python")
+    cc = MultiBlockSampler(grid, c, seed=7, rank=1, world=3, impl="cpp")
     for step in range(25):
         a, b = py.sample(16, step), cc.sample(16, step)
         assert torch.equal(a.context, b.context) and torch.equal(a.targets, b.targets), f"step {step}"

@@ -5,7 +5,8 @@ from .images import DataError, FolderImages, decode, scan_folder
 from .loader import Batch, StepBatches, make_loader
 from .transforms import TrainTransform
 
-__all__ = ["Batch", "DataError", "FolderImages", "StepBatches", "TrainTransform", "build_source", "decode",
+__all__ = ["Batch", "DataError", "FolderImages", "StepBatches", "TrainTransform", "build_loader", "build_source",
+           "decode",
            "make_loader", "scan_folder", "transform_from_config"]
 
 
@@ -14,10 +15,38 @@ def build_source(data_cfg, seed: int = 0):
     if data_cfg.source == "demo":
         from .demo import DemoImages
         return DemoImages(data_cfg.demo_images, data_cfg.demo_size, seed)
+    if data_cfg.source == "digits":
+        from .digits import DigitsImages
+        return DigitsImages(data_cfg.demo_size)
     if not data_cfg.path:
         raise DataError("data.path is not set: pass --data DIR or data.path=/path/to/images "
                         "(or data.source=demo for the generated demo set)")
     return FolderImages(data_cfg.path)
+
+
+def build_loader(source, data_cfg, sampler, start: int, stop: int, seed: int, rank: int, world: int, device,
+                 workers: int, log):
+    """The loader ``data.loader`` asks for: DALI (image folders; with a message and the Pillow
+    loader when DALI is missing) or Pillow in worker processes."""
+    from . import dali
+    from .images import FolderImages
+
+    transform = transform_from_config(data_cfg, seed)
+    want, version = data_cfg.loader, dali.available()
+    use = want == "dali" or (want == "auto" and device.type == "cuda")
+    if use and (version is None or not isinstance(source, FolderImages)):
+        if want == "dali":
+            log.warning("data.loader=dali but " + ("DALI is not installed (pip install nvidia-dali-cuda130)"
+                                                   if version is None else "the data is not an image folder")
+                        + "; using the PIL loader")
+        use = False
+    if use:
+        log.info(f"data loader: DALI {version}, decoding on the {'GPU' if device.type == 'cuda' else 'CPU'}")
+        return dali.DaliLoader(source, data_cfg, sampler, data_cfg.batch_size, start, stop, seed, rank, world,
+                               device, max(1, workers), transform)
+    log.info(f"data loader: Pillow in {workers} worker process(es)")
+    return make_loader(source, transform, sampler, data_cfg.batch_size, start, stop, seed, rank, world, workers,
+                       data_cfg.pin_memory and device.type == "cuda")
 
 
 def transform_from_config(data_cfg, seed: int = 0) -> TrainTransform:

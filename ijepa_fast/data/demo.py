@@ -7,7 +7,8 @@ random, so predicting one region from another takes some understanding of the sc
 from __future__ import annotations
 
 import torch
-from PIL import Image
+
+from .images import TensorImages
 
 CLASSES = ("rectangles", "discs", "stripes", "crosses")
 
@@ -45,21 +46,9 @@ def generate(n: int, size: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch
     return images, labels
 
 
-class DemoImages:
+class DemoImages(TensorImages):
     """The generated set as an image source (``load(i)`` -> RGB PIL image)."""
 
     def __init__(self, n: int = 2048, size: int = 48, seed: int = 0):
-        self.images, labels = generate(n, size, seed)
-        self.labels = labels.tolist()
-        self.classes = list(CLASSES)
-        self.root = f"<demo: {n} generated images of {size}px>"
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def name(self, i: int) -> str:
-        return f"demo#{i}"
-
-    def load(self, i: int) -> Image.Image:
-        hwc = self.images[i].permute(1, 2, 0).contiguous()
-        return Image.frombytes("RGB", (hwc.shape[1], hwc.shape[0]), bytes(hwc.view(-1).tolist()))
+        images, labels = generate(n, size, seed)
+        super().__init__(images, labels.tolist(), CLASSES, f"<demo: {n} generated images of {size}px>", "demo")

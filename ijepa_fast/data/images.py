@@ -100,3 +100,21 @@ class FolderImages:
 
     def load(self, i: int) -> Image.Image | None:
         return decode(self.files[i])
+
+
+class TensorImages:
+    """An image source over uint8 [N, 3, H, W] images held in memory (generated or bundled sets)."""
+
+    def __init__(self, images, labels, classes, root: str, prefix: str):
+        self.images, self.labels, self.classes = images, list(labels), list(classes)
+        self.root, self.prefix = root, prefix
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, i: int) -> str:
+        return f"{self.prefix}#{i}"
+
+    def load(self, i: int) -> Image.Image:
+        hwc = self.images[i].permute(1, 2, 0).contiguous()
+        return Image.frombytes("RGB", (hwc.shape[1], hwc.shape[0]), bytes(hwc.view(-1).tolist()))

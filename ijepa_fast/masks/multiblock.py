@@ -16,9 +16,11 @@ Two modes (``MaskConfig.mode``):
     context and ``context_lens`` says which positions are real (the model masks the padding out
     of attention and the loss, so the result equals running each image on its own).
 
-Randomness is seeded per step: the masks of step ``t`` depend only on ``(seed, t, rank)`` (see
-``rng``), so a resumed run, a data-loader worker or the C++ sampler draws exactly the same masks.
-The block sizes depend on ``(seed, t)`` only, and are the same on every rank.
+Randomness is seeded per step: an image's masks depend only on ``(seed, t, g)``, with ``t`` the
+step and ``g = rank + b * world`` the image's position in the global batch (the data loader's
+sharding), so a resumed run, a data-loader worker, the C++ sampler, or the same global batch
+split over any number of processes draws exactly the same masks (see ``rng``). The block sizes
+depend on ``(seed, t)`` only.
 
 Two implementations give bit-identical results: this file's Python, and the compiled one in
 ``csrc/mask_sampler.cpp`` (``impl="cpp"``; ``"auto"`` uses it when it builds, see ``native``).
@@ -80,6 +82,12 @@ class MaskBatch:
         tgt = float(self.target_lens.sum()) if self.target_lens is not None else float(k * b * lt)
         return ctx / b, tgt / b
 
+    def slice(self, start: int, stop: int) -> MaskBatch:
+        """The masks of images start .. stop-1 (padding widths unchanged)."""
+        def cut(t):
+            return None if t is None else t[:, start:stop]
+        return MaskBatch(cut(self.context), cut(self.targets), cut(self.context_lens), cut(self.target_lens))
+
     @classmethod
     def from_lists(cls, masks_enc, masks_pred) -> MaskBatch:
         """From the reference layout: lists of [B, L] index tensors (one per block)."""
@@ -112,10 +120,11 @@ class MultiBlockSampler:
     """Seeded multi-block masks; ``sampler(batch_size)`` draws the next step's batch.
 
     grid: (rows, cols) of the patch grid. cfg: a ``MaskConfig`` (or any object with its fields).
-    seed: the run's seed. rank: this process's rank (images differ across ranks, sizes do not).
+    seed: the run's seed. rank, world: this process's rank and the number of processes; image b of
+    this rank is image ``rank + b * world`` of the global batch.
     """
 
-    def __init__(self, grid, cfg, seed: int = 0, rank: int = 0, impl: str | None = None):
+    def __init__(self, grid, cfg, seed: int = 0, rank: int = 0, impl: str | None = None, world: int = 1):
         if cfg.mode not in MODES:
             raise ValueError(f"mask.mode must be one of {MODES}, got {cfg.mode!r}")
         impl = impl or getattr(cfg, "sampler", "auto")
@@ -124,7 +133,9 @@ class MultiBlockSampler:
         self.grid = (int(grid[0]), int(grid[1]))
         self.cfg = cfg
         self.seed = int(seed)
-        self.rank = int(rank)
+        self.rank, self.world = int(rank), int(world)
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {rank} is not in 0 .. world-1 = {world - 1}")
         self.impl = impl
         self.step = 0  # the step whose masks the next call draws
         self._check_config()
@@ -175,7 +186,7 @@ class MultiBlockSampler:
 
     def _native_args(self, batch_size: int, step: int) -> tuple:
         c = self.cfg
-        return (self.seed, step, self.rank, batch_size, self.grid[0], self.grid[1], c.mode == "reference",
+        return (self.seed, step, self.rank, self.world, batch_size, self.grid[0], self.grid[1], c.mode == "reference",
                 c.num_targets, list(c.target_scale), list(c.target_aspect), c.num_context, list(c.context_scale),
                 c.min_keep, c.allow_overlap)
 
@@ -191,7 +202,7 @@ class MultiBlockSampler:
             empty = torch.zeros(c.num_context, 0, 0, dtype=torch.int64)
             return MaskBatch(empty, torch.zeros(c.num_targets, 0, th * tw, dtype=torch.int64))
         shift = 0 if c.mode == "reference" else 1  # reference: exclusive bound, last position never drawn
-        draws = [self._draw_image(Stream(derive(self.seed, step, self.rank, b)), th, tw, ch, cw, shift)
+        draws = [self._draw_image(Stream(derive(self.seed, step, self.rank + b * self.world)), th, tw, ch, cw, shift)
                  for b in range(batch_size)]
         tgt_tl = torch.tensor([d[0] for d in draws], dtype=torch.int64).permute(1, 0, 2)  # [K, B, 2]
         ctx_tl = torch.tensor([d[1] for d in draws], dtype=torch.int64).permute(1, 0, 2)  # [M, B, 3]
