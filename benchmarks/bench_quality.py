@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 from common import ROOT, emit, environment, write_markdown
@@ -76,30 +75,31 @@ def run_recipe(name, overrides, seed, workdir, images, labels, threads):
     from ijepa_fast.checkpoint import models_from_checkpoint
     from ijepa_fast.config import load_config
     from ijepa_fast.data.digits import DigitsImages
-    from ijepa_fast.eval import collapse_stats
+    from ijepa_fast.eval import collapse_stats, effective_rank, knn_probe
     from ijepa_fast.runlog import read_metrics
     from ijepa_fast.step import IJEPA
     from ijepa_fast.train import Trainer
 
     tr, te = split(seed)
     run_dir = Path(workdir) / f"{name}-split{seed}"
-    cfg = load_config(None, BASE + overrides + [f"run.seed={seed}", f"run.dir={run_dir}", f"run.threads={threads}",
-                                                "run.resume=null"])
-    t0 = time.time()
-    Trainer(cfg, name, source=DigitsImages(32, indices=tr)).run()
-    minutes = (time.time() - t0) / 60
+    cfg = load_config(None, BASE + overrides + [f"run.seed={seed}", f"run.dir={run_dir}", f"run.threads={threads}"])
+    Trainer(cfg, name, source=DigitsImages(32, indices=tr)).run()  # resumes (or skips) a finished run
     enc, _, tgt = models_from_checkpoint(run_dir / f"{cfg.run.tag}-latest.pth.tar", num_heads=3)
     torch.manual_seed(seed)
     random_init = IJEPA.from_config(cfg).target_encoder  # the same initialisation as the run's
     x = tensors(images)
     metrics = read_metrics(run_dir / "metrics.jsonl")
-    out = {"recipe": name, "split": seed, "pretrain_minutes": round(minutes, 1), "steps": metrics[-1]["step"]}
+    prev, ms = 0, 0.0
+    for r in metrics:  # the pretraining's own time, from the logged step times
+        ms, prev = ms + r["step_ms"] * (r["step"] - prev), r["step"]
+    out = {"recipe": name, "split": seed, "pretrain_minutes": round(ms / 60000, 1), "steps": metrics[-1]["step"]}
     for label, model in (("target", tgt), ("context", enc), ("random", random_init)):
         f = features(model, x)
         out[f"probe_{label}"] = probe(f[tr], labels[tr], f[te], labels[te])
-        if label == "target":
-            stats = collapse_stats(f[te])
-            out["target_std"], out["target_rank"] = round(stats["std_mean"], 4), round(stats["rank"], 2)
+        out[f"knn_{label}"] = knn_probe(f[tr], labels[tr], f[te], labels[te], k=10)["top1"]
+        stats = collapse_stats(f[te])
+        out[f"{label}_std"], out[f"{label}_rank"] = round(stats["std_mean"], 4), round(stats["rank"], 2)
+        out[f"{label}_rank_centred"] = round(effective_rank(f[te] - f[te].mean(0)), 2)
     out["probe_pixels"] = probe(x.flatten(1)[tr], labels[tr], x.flatten(1)[te], labels[te])
     out["curve"] = [{k: r.get(k) for k in ("step", "loss", "feat_std", "feat_rank")} for r in metrics]
     return out
@@ -155,7 +155,8 @@ def main():
     for name in args.recipes.split(","):
         rs = [r for r in rows if r["recipe"] == name]
         s = {"recipe": name, "splits": len(rs), **env}
-        for k in ("probe_target", "probe_context", "probe_random", "probe_pixels", "target_std", "target_rank",
+        for k in ("probe_target", "probe_context", "probe_random", "probe_pixels", "knn_target", "knn_random",
+                  "target_std", "random_std", "target_rank", "target_rank_centred", "random_rank_centred",
                   "pretrain_minutes"):
             vals = [r[k] for r in rs]
             s[k] = f"{statistics.mean(vals):.2f} ± {statistics.pstdev(vals):.2f}"
@@ -168,8 +169,12 @@ def main():
                        f"python benchmarks/bench_quality.py --recipes {args.recipes} --splits {args.splits}", summary,
                        [("recipe", "recipe"), ("probe_target", "linear probe, target encoder (%)"),
                         ("probe_context", "context encoder (%)"), ("probe_random", "random encoder (%)"),
-                        ("probe_pixels", "raw pixels (%)"), ("target_std", "target per-dim std"),
-                        ("target_rank", "target effective rank"), ("pretrain_minutes", "pretraining minutes")],
+                        ("probe_pixels", "raw pixels (%)"), ("knn_target", "kNN target (%)"),
+                        ("knn_random", "kNN random (%)"), ("target_std", "target per-dim std"),
+                        ("random_std", "random per-dim std"), ("target_rank", "target RankMe"),
+                        ("target_rank_centred", "target rank, centred"),
+                        ("random_rank_centred", "random rank, centred"),
+                        ("pretrain_minutes", "pretraining minutes")],
                        "Mean ± spread over the splits. Recipes: " + "; ".join(
                            f"`{k}`: {' '.join(v)}" for k, v in RECIPES.items() if k in args.recipes.split(",")))
 
