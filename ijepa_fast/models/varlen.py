@@ -59,39 +59,35 @@ class VarlenMeta(NamedTuple):
 _FOUND: dict = {}
 
 
+def _found(name: str, load):
+    """``load()`` once per process; None when the package is missing or fails to import."""
+    if name not in _FOUND:
+        try:
+            _FOUND[name] = load()
+        except Exception:
+            _FOUND[name] = None
+    return _FOUND[name]
+
+
+def _load_flash_attn():
+    for mod in ("flash_attn_interface", "flash_attn.cute", "flash_attn"):  # FA3, FA4, FA2
+        try:
+            return importlib.import_module(mod).flash_attn_varlen_func
+        except Exception:
+            continue
+    return None
+
+
 def _flash_attn():
-    if "flash_attn" not in _FOUND:
-        fn = None
-        for mod in ("flash_attn_interface", "flash_attn.cute", "flash_attn"):  # FA3, FA4, FA2
-            try:
-                fn = importlib.import_module(mod).flash_attn_varlen_func
-                break
-            except Exception:
-                continue
-        _FOUND["flash_attn"] = fn
-    return _FOUND["flash_attn"]
+    return _found("flash_attn", _load_flash_attn)
 
 
 def _xformers():
-    if "xformers" not in _FOUND:
-        try:
-            import xformers.ops as xops
-
-            _FOUND["xformers"] = xops
-        except Exception:
-            _FOUND["xformers"] = None
-    return _FOUND["xformers"]
+    return _found("xformers", lambda: importlib.import_module("xformers.ops"))
 
 
 def _torch_varlen():
-    if "torch_varlen" not in _FOUND:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-
-            _FOUND["torch_varlen"] = varlen_attn
-        except Exception:
-            _FOUND["torch_varlen"] = None
-    return _FOUND["torch_varlen"]
+    return _found("torch_varlen", lambda: importlib.import_module("torch.nn.attention.varlen").varlen_attn)
 
 
 def available(backend: str, q: torch.Tensor) -> bool:
