@@ -159,7 +159,8 @@ def main():
                   "target_std", "random_std", "target_rank", "target_rank_centred", "random_rank_centred",
                   "pretrain_minutes"):
             vals = [r[k] for r in rs]
-            s[k] = f"{statistics.mean(vals):.2f} ± {statistics.pstdev(vals):.2f}"
+            d = 4 if k.endswith("_std") else 2
+            s[k] = f"{statistics.mean(vals):.{d}f} ± {statistics.pstdev(vals):.{d}f}"
         summary.append(s)
         print(json.dumps(s))
     if args.plot:
@@ -175,7 +176,8 @@ def main():
                         ("target_rank_centred", "target rank, centred"),
                         ("random_rank_centred", "random rank, centred"),
                         ("pretrain_minutes", "pretraining minutes")],
-                       "Mean ± spread over the splits. Recipes: " + "; ".join(
+                       "Mean ± spread over the splits. Pretraining minutes add up the logged step times (runs that "
+                       "share the cores take longer). Recipes: " + "; ".join(
                            f"`{k}`: {' '.join(v)}" for k, v in RECIPES.items() if k in args.recipes.split(",")))
 
 
