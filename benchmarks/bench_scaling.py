@@ -13,7 +13,8 @@ reduce-scatter (n-1)/n):
   their gradients (fp32).
 
 ``--measure`` times the training step of a small model with ``--nproc`` processes (gloo on the
-CPU, NCCL on GPUs) for each strategy, against one process with the same per-process batch.
+CPU, NCCL on GPUs) for each strategy, against one process with the same per-process batch and
+threads.
 One JSON object per line.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ distributed.shutdown()
 '''
 
 
-def measure(strategy: str, nproc: int, device: str, steps: int, extra) -> float:
+def measure(strategy: str, nproc: int, device: str, steps: int, extra, threads: int) -> float:
     overrides = ["model.embed_dim=192", "model.depth=6", "model.num_heads=3", "model.pred_depth=2",
                  "model.pred_dim=96", "data.demo_images=512", "data.batch_size=32", "optim.epochs=100",
                  f"run.max_steps={steps}", "run.progress=false", "run.plot=false", "run.monitor_every=0",
@@ -91,7 +92,7 @@ def measure(strategy: str, nproc: int, device: str, steps: int, extra) -> float:
         script.write_text(WORKER.format(root=str(ROOT), overrides=overrides))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                str(random.randint(20000, 40000)), str(script)] if nproc > 1 else [sys.executable, str(script)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -117,17 +118,19 @@ def main():
             emit(rows[-1], args.out)
     measured = []
     if args.measure:
-        base = measure("none", 1, args.device, args.steps, [])
+        threads = max(1, (os.cpu_count() or 2) // args.nproc)  # the same cores per process in every run
+        base = measure("none", 1, args.device, args.steps, [], threads)
         for strategy in ("ddp", "fsdp"):
-            t = measure(strategy, args.nproc, args.device, args.steps, [])
+            t = measure(strategy, args.nproc, args.device, args.steps, [], threads)
             measured.append({"bench": "dp_overhead", "strategy": strategy, "nproc": args.nproc, "device": args.device,
                              "step_s_one_process": round(base, 4), "step_s": round(t, 4),
-                             "overhead": round(t / base - 1, 3), **env})
+                             "threads_per_process": threads, "overhead": round(t / base - 1, 3), **env})
             emit(measured[-1], args.out)
     if args.md:
         notes = ""
         for m in measured:
-            notes += (f"\n\nMeasured ({m['device']}, {m['nproc']} processes, ViT 192 x 6, batch 32 per process): "
+            notes += (f"\n\nMeasured ({m['device']}, {m['nproc']} processes of {m['threads_per_process']} thread(s), "
+                      "ViT 192 x 6, batch 32 per process): "
                       f"{m['strategy']} step {m['step_s']} s against {m['step_s_one_process']} s for one process "
                       f"({m['overhead'] * 100:+.0f} %).")
         cols = [("model", "model"), ("procs", "processes"), ("trainable_M", "trainable M params"),
