@@ -9,8 +9,10 @@ predictor 96 x 4; batch 128) is pretrained with each recipe, watched by the coll
 then a linear probe (learning rate chosen on held-out training images) is fitted on the frozen,
 average-pooled features of the training images and scored on the test images, for the target
 encoder, the context encoder, the same encoder at its random initialisation, and the raw pixels.
-Reported: top-1 per split and the mean and spread over splits, the target features' per-dimension
-std and effective rank at the end, and a plot of loss, spread and rank over the steps.
+Reported: linear and 10-nearest-neighbour top-1 per split and the mean and spread over splits, each
+encoder's per-dimension std and effective rank (RankMe, and the rank of the centred features) at
+the end, and a plot of loss, spread and rank over the steps. A finished run in --workdir is not
+trained again, only probed.
 """
 from __future__ import annotations
 
