@@ -71,7 +71,8 @@ def probe(train_f, train_y, test_f, test_y):
     return linear_probe(train_f, train_y, test_f, test_y, epochs=100)["top1"]
 
 
-def run_recipe(name, overrides, seed, workdir, images, labels, threads):
+def run_recipe(name, overrides, seed, workdir, images, labels, threads, device="cpu",
+               probes=("target", "context", "random", "pixels")):
     import torch
 
     from ijepa_fast.checkpoint import models_from_checkpoint
@@ -84,7 +85,8 @@ def run_recipe(name, overrides, seed, workdir, images, labels, threads):
 
     tr, te = split(seed)
     run_dir = Path(workdir) / f"{name}-split{seed}"
-    cfg = load_config(None, BASE + overrides + [f"run.seed={seed}", f"run.dir={run_dir}", f"run.threads={threads}"])
+    cfg = load_config(None, BASE + overrides + [f"run.seed={seed}", f"run.dir={run_dir}", f"run.threads={threads}",
+                                                  f"run.device={device}"])
     Trainer(cfg, name, source=DigitsImages(32, indices=tr)).run()  # resumes (or skips) a finished run
     enc, _, tgt = models_from_checkpoint(run_dir / f"{cfg.run.tag}-latest.pth.tar", num_heads=3)
     torch.manual_seed(seed)
@@ -96,13 +98,16 @@ def run_recipe(name, overrides, seed, workdir, images, labels, threads):
         ms, prev = ms + r["step_ms"] * (r["step"] - prev), r["step"]
     out = {"recipe": name, "split": seed, "pretrain_minutes": round(ms / 60000, 1), "steps": metrics[-1]["step"]}
     for label, model in (("target", tgt), ("context", enc), ("random", random_init)):
+        if label not in probes:
+            continue
         f = features(model, x)
         out[f"probe_{label}"] = probe(f[tr], labels[tr], f[te], labels[te])
         out[f"knn_{label}"] = knn_probe(f[tr], labels[tr], f[te], labels[te], k=10)["top1"]
         stats = collapse_stats(f[te])
         out[f"{label}_std"], out[f"{label}_rank"] = round(stats["std_mean"], 4), round(stats["rank"], 2)
         out[f"{label}_rank_centred"] = round(effective_rank(f[te] - f[te].mean(0)), 2)
-    out["probe_pixels"] = probe(x.flatten(1)[tr], labels[tr], x.flatten(1)[te], labels[te])
+    if "pixels" in probes:
+        out["probe_pixels"] = probe(x.flatten(1)[tr], labels[tr], x.flatten(1)[te], labels[te])
     out["curve"] = [{k: r.get(k) for k in ("step", "loss", "feat_std", "feat_rank")} for r in metrics]
     return out
 
@@ -137,6 +142,8 @@ def main():
     p.add_argument("--splits", default="0,1,2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(ROOT / "runs" / "quality"))
+    p.add_argument("--device", default="cpu", help="where to pretrain (probes run on the CPU)")
+    p.add_argument("--probe", default="target,context,random,pixels", help="which features to probe")
     p.add_argument("--set", action="append", default=[], help="extra override for every recipe (key=value)")
     p.add_argument("--out")
     p.add_argument("--md")
@@ -145,11 +152,12 @@ def main():
     from ijepa_fast.data.digits import load_digits_tensor
 
     images, labels = load_digits_tensor(32)
-    env = environment("cpu")
+    env = environment(args.device)
     rows = []
     for name in args.recipes.split(","):
         for seed in (int(s) for s in args.splits.split(",")):
-            row = {**run_recipe(name, RECIPES[name] + args.set, seed, args.workdir, images, labels, args.threads),
+            row = {**run_recipe(name, RECIPES[name] + args.set, seed, args.workdir, images, labels, args.threads,
+                                  args.device, args.probe.split(",")),
                    **env}
             rows.append(row)
             emit({k: v for k, v in row.items() if k != "curve"}, args.out)
@@ -160,7 +168,9 @@ def main():
         for k in ("probe_target", "probe_context", "probe_random", "probe_pixels", "knn_target", "knn_random",
                   "target_std", "random_std", "target_rank", "target_rank_centred", "random_rank_centred",
                   "pretrain_minutes"):
-            vals = [r[k] for r in rs]
+            vals = [r[k] for r in rs if k in r]
+            if not vals:
+                continue
             d = 4 if k.endswith("_std") else 2
             s[k] = f"{statistics.mean(vals):.{d}f} ± {statistics.pstdev(vals):.{d}f}"
         summary.append(s)

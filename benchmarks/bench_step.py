@@ -20,13 +20,13 @@ import sys
 from common import ROOT, emit, environment, write_markdown
 
 
-def reference_rows(model, patch, batch, steps, out):
+def reference_rows(model, patch, batch, steps, out, variants=("released", "compiled")):
     script = ROOT / ".bench_ref" / "reference_step.py"
     if not script.exists():
         print(f"no {script}: skipping the reference step", file=sys.stderr)
         return []
     rows = []
-    for extra in ([], ["--sdpa", "--compile"]):
+    for extra in [{"released": [], "compiled": ["--sdpa", "--compile"]}[v] for v in variants]:
         cmd = [sys.executable, str(script), "--model", model, "--patch", str(patch), "--batch", str(batch),
                "--steps", str(steps)] + extra
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": ""})
@@ -52,6 +52,8 @@ def main():
     p.add_argument("--paths", default="plain,fast")
     p.add_argument("--device", default="cuda")
     p.add_argument("--reference", action="store_true", help="also time the released step (needs .bench_ref)")
+    p.add_argument("--reference-variants", default="released,compiled",
+                   help="which released steps: as shipped, and with sdpa + per-block compile")
     p.add_argument("--out")
     p.add_argument("--md")
     args = p.parse_args()
@@ -70,7 +72,7 @@ def main():
         model, patch, batch = item.split(":")
         pred_depth = 16 if model == "vit_giant" else 12
         if args.reference:
-            refs += reference_rows(model, patch, batch, args.steps, args.out)
+            refs += reference_rows(model, patch, batch, args.steps, args.out, args.reference_variants.split(","))
         for mode in args.masks.split(","):
             for path in args.paths.split(","):
                 spec = BenchSpec(model, int(patch), args.img, int(batch), pred_depth, mode, path == "fast",

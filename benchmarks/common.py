@@ -16,6 +16,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def commit() -> str:
+    """The checkout's commit (+dirty); IJEPA_FAST_COMMIT names it where the copy has no .git."""
+    if os.environ.get("IJEPA_FAST_COMMIT"):
+        return os.environ["IJEPA_FAST_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
