@@ -101,18 +101,19 @@ if triton is not None:
         s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         smask = s < S
-        dmask = d < D
+        m2 = smask[:, None] & (d < D)[None, :]
         start = tl.load(Seg_start_ptr + s, mask=smask, other=0)
-        count = tl.load(Seg_start_ptr + s + 1, mask=smask, other=0) - start
+        count = tl.load(Seg_start_ptr + s + 1, mask=smask, other=0) - start  # >= 1 for every segment
         acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
         for i in range(0, MAX_COUNT):  # each destination's sources, in a fixed order
-            m = smask & (i < count)
-            t = tl.load(Order_ptr + start + i, mask=m, other=0)
-            acc += tl.load(G_ptr + t[:, None] * D + d[None, :], mask=m[:, None] & dmask[None, :],
-                           other=0.0).to(tl.float32)
+            # Past a segment's end, re-read its last source and drop it with where(): a 2D load mask
+            # built from loaded counts crashes Triton 3.6's layout pass for sm_90 when D is a multiple
+            # of 16 (tests/test_kernels_compile.py compiles every launch for the GPU).
+            t = tl.load(Order_ptr + start + tl.minimum(i, count - 1), mask=smask, other=0)
+            g = tl.load(G_ptr + t[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            acc += tl.where((i < count)[:, None], g, 0.0)
         dest = tl.load(Seg_dest_ptr + s, mask=smask, other=0)
-        tl.store(Gx_ptr + dest[:, None] * D + d[None, :], acc.to(Gx_ptr.dtype.element_ty),
-                 mask=smask[:, None] & dmask[None, :])
+        tl.store(Gx_ptr + dest[:, None] * D + d[None, :], acc.to(Gx_ptr.dtype.element_ty), mask=m2)
 
 
 def _blocks(d: int) -> tuple[int, int]:
