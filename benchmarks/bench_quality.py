@@ -5,7 +5,8 @@
 
 Each split puts 1,200 of the 1,797 digits (upsampled to 32 px) in a training set and 597 in a
 test set. On the training images (labels unused) a ViT (patch 4, width 192, depth 6, 3 heads;
-predictor 96 x 4; batch 128) is pretrained with each recipe, watched by the collapse monitor;
+predictor 96 x 4; batch 128 unless the recipe sets another) is pretrained with each recipe,
+watched by the collapse monitor;
 then a linear probe (learning rate chosen on held-out training images) is fitted on the frozen,
 average-pooled features of the training images and scored on the test images, for the target
 encoder, the context encoder, the same encoder at its random initialisation, and the raw pixels.

@@ -3,7 +3,8 @@
     python benchmarks/search_quality.py [--variants base,b32,...] [--splits 0,1,2] [--parallel 12]
                                         [--device cuda] [--launch-minutes 3] [--out F.jsonl] [--md F.md]
 
-Each (variant, split) is one `bench_quality.py` run of the `stable` recipe with the variant's
+Each (variant, split) is one `bench_quality.py` run of recipe e4 (the benchmark's `stable` recipe
+with EMA 0.999 -> 1 and batch 128, the base the search started from) with the variant's
 overrides on top, in its own process (one CPU thread each), probing the target and context
 encoders; the `base` variant also probes the random encoder, which the table compares against.
 Jobs start split by split (every variant on split 0 first), so a search cut short still compares
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from common import ROOT, write_markdown
 
-D = "mask.mode=default"
+# e4: `stable` as it was when this search ran (quality_digits_search.md)
+E4 = ["mask.mode=default", "optim.ema=[0.999, 1.0]", "data.batch_size=128"]
 VARIANTS = {
     "base": [],
     "ep60": ["optim.epochs=60"],
@@ -45,7 +47,7 @@ def job(variant, split, args, logdir):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--recipes", "stable", "--splits",
            str(split), "--threads", "1", "--device", args.device, "--workdir", str(Path(args.workdir) / variant),
            "--probe", "target,context,random" if variant == "base" else "target,context"]
-    for o in [D] + args.set + VARIANTS[variant]:
+    for o in E4 + args.set + VARIANTS[variant]:
         cmd += ["--set", o]
     log = open(logdir / f"{variant}-split{split}.log", "w")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -113,7 +115,7 @@ def main():
     for s in table:
         print(json.dumps(s))
     if args.md and table:
-        cols = [("variant", "variant"), ("overrides", "overrides on `stable`"), ("splits", "splits"),
+        cols = [("variant", "variant"), ("overrides", "overrides on e4"), ("splits", "splits"),
                 ("target", "linear, target (%)"), ("vs_random", "minus random, same splits"),
                 ("context", "linear, context (%)"), ("knn", "kNN, target (%)"), ("std", "target per-dim std"),
                 ("steps", "steps")]

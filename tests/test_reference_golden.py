@@ -49,8 +49,15 @@ def run_golden_step(step_file, ckpt_file, attn="sdpa", kernels="reference", layo
     On a GPU (``device="cuda"``, TF32 off) the state after our own update is left out: AdamW's
     first step turns the GPU's other summation order into differences far above the tolerance
     (see the module docstring); the update rule is still checked from the reference's gradients."""
-    if device != "cpu":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _golden_step(step_file, ckpt_file, attn, kernels, layout, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _golden_step(step_file, ckpt_file, attn, kernels, layout, device):
     gold = torch.load(step_file, weights_only=False)
     cfg = gold["config"]
     enc, pred, tgt = models_from_checkpoint(read_checkpoint(ckpt_file), num_heads=cfg["num_heads"],
