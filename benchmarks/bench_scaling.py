@@ -58,7 +58,7 @@ def volumes(name: str, patch: int, n: int) -> dict:
 
 WORKER = r'''
 import json, os, sys, time, torch
-sys.path.insert(0, {root!r})
+sys.path.append({root!r})  # the checkout, where nothing is installed
 from ijepa_fast.config import load_config
 from ijepa_fast.train import Trainer
 from ijepa_fast import distributed

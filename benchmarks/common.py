@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+try:  # the installed engine; in a bare checkout (a copy of the tree on a GPU machine), the source tree
+    import ijepa_fast  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT))
 
 
 def commit() -> str:

@@ -19,8 +19,9 @@ __version__ = "0.1.0"
 
 
 class _CheckoutKernels(importlib.abc.MetaPathFinder):
-    """In a source checkout, kernels/ sits beside this package (an install copies it inside):
-    resolve ``ijepa_fast.kernels`` there, so running from the checkout works like an install."""
+    """In a bare source checkout (nothing installed, as on a machine that only has a copy of the
+    tree), kernels/ sits beside this package: resolve ``ijepa_fast.kernels`` there. Installs, the
+    editable one included, map kernels/ into the package and never use this."""
 
     def __init__(self, root: str):
         self.root = root
@@ -38,7 +39,7 @@ class _CheckoutKernels(importlib.abc.MetaPathFinder):
         return None
 
 
-_here = os.path.dirname(os.path.abspath(__file__))
+_here = os.path.dirname(os.path.realpath(__file__))
 if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isdir(os.path.join(os.path.dirname(_here), "kernels")):
     sys.meta_path.append(_CheckoutKernels(os.path.dirname(_here)))
 

@@ -12,12 +12,29 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests come from
 SHARED = ROOT.parent / "shared"
 
 
 def reference_dir() -> Path:
+    """The reference's golden files: $IJEPA_REFERENCE_DIR, by default ../shared/golden beside the checkout."""
     return Path(os.environ.get("IJEPA_REFERENCE_DIR", SHARED / "golden"))
+
+
+def pytest_sessionstart(session):
+    """With IJEPA_FAST_REQUIRE_INSTALLED=1 (CI), the suite must test the installed package, never the
+    checkout's source tree: stop at once if the import resolved into the checkout."""
+    if os.environ.get("IJEPA_FAST_REQUIRE_INSTALLED") != "1":
+        return
+    import ijepa_fast.kernels
+
+    import ijepa_fast
+
+    for mod in (ijepa_fast, ijepa_fast.kernels):
+        where = Path(mod.__file__).resolve()
+        if ROOT in where.parents:
+            raise pytest.UsageError(f"{mod.__name__} was imported from the checkout ({where}), not from the "
+                                    f"installed package: run the tests as the README says, outside the source tree")
 
 
 @pytest.fixture(autouse=True)
@@ -40,13 +57,11 @@ def tiny_cfg():
 
 
 def run_cli(*args, cwd=None, env=None, check=True, timeout=600):
-    """Run ``python -m ijepa_fast ARGS`` on this checkout, in a fresh process."""
+    """Run ``python -m ijepa_fast ARGS`` in a fresh process of this interpreter (the installed package)."""
     import subprocess
     import sys
 
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.update(env or {})
+    full_env = {**os.environ, **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "ijepa_fast", *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

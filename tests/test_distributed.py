@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 # a small, well-conditioned run: Adam's eps is raised so that gradients that are pure rounding
 # noise (the attention key bias's) do not turn into full-size updates that differ by summation order
@@ -18,7 +18,7 @@ TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.pred_
 
 
 def torchrun(nproc, *args, cwd=None, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            str(random.randint(20000, 40000)), "-m", "ijepa_fast", *map(str, args)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
@@ -85,9 +85,8 @@ def test_distributed_fsdp_equals_ddp_and_sharded_checkpoint_loads_at_one_rank(on
 def test_resume_after_sigkill_at_a_random_step_matches_an_uninterrupted_run(tmp_path):
     args = ["--steps", "12", "data.batch_size=8", "run.checkpoint_every=1", *TINY]
     run_cli("train", "--run-dir", tmp_path / "straight", *args)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "ijepa_fast", "train", "--run-dir", str(tmp_path / "killed"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after = random.Random().randint(2, 9)
     deadline = time.time() + 300
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -107,10 +106,9 @@ def test_resume_after_sigkill_at_a_random_step_matches_an_uninterrupted_run(tmp_
 
 
 def test_resume_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "ijepa_fast", "train", "--run-dir", str(tmp_path / "run"),
                              "--steps", "200", "data.batch_size=8", "run.checkpoint_every=1000", *TINY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):

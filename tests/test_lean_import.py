@@ -1,16 +1,15 @@
 """``import ijepa_fast`` needs nothing but torch: no GPU, no compiler, no optional package.
 
-The check runs in a fresh interpreter whose only packages are torch and its own required
-dependencies (linked into a temporary folder; ``python -S`` ignores site-packages), with CUDA
-hidden, and trains one step on the CPU.
+The check runs in a fresh interpreter whose only packages are torch, its own required dependencies
+and the installed ijepa_fast (linked into a temporary folder; ``python -S`` ignores site-packages),
+with CUDA hidden, and trains one step on the CPU.
 """
 import importlib.metadata as md
+import importlib.util
 import os
 import re
 import subprocess
 import sys
-
-from conftest import ROOT
 
 SKIP_DEPS = ("nvidia", "triton", "cuda")  # GPU runtime wheels a CUDA build of torch pulls in
 
@@ -66,7 +65,8 @@ def _torch_only_site(tmp_path):
 
 def test_lean_import_needs_only_torch(tmp_path):
     site = _torch_only_site(tmp_path)
-    env = {"PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "",
+    os.symlink(os.path.dirname(importlib.util.find_spec("ijepa_fast").origin), site / "ijepa_fast")  # as installed
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "",
            "HOME": str(tmp_path)}
     p = subprocess.run([sys.executable, "-S", "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-3000:]

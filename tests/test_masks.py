@@ -265,15 +265,13 @@ def test_sampler_python_fallback_without_extension(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
-
     script = ("import torch; from ijepa_fast.config import MaskConfig; from ijepa_fast.masks import MultiBlockSampler\n"
               "from ijepa_fast.masks import native\n"
               "s = MultiBlockSampler((16, 16), MaskConfig(), impl='auto'); s(4)\n"
               "print('fallback', native.load() is None, native.reason())\n"
               "try:\n    MultiBlockSampler((16, 16), MaskConfig(), impl='cpp')(4)\n"
               "except RuntimeError as e:\n    print('cpp error:', e)\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
            "CXX": str(tmp_path / "no-compiler"), "MAX_JOBS": "1"}
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -1,11 +1,19 @@
-"""The golden step: one fp32 step of the reference implementation, reproduced by the engine.
+"""The golden files: the reference implementation's own steps, reproduced by the engine.
 
-Every ``ref_step_<name>.pt`` / ``ref_ckpt_<name>.pth.tar`` pair in $IJEPA_REFERENCE_DIR (default
-../shared/golden) is checked: the models are built from the published-layout checkpoint alone,
-then encoder outputs, predictor outputs, both losses, every gradient and the state after one
-AdamW + EMA step must be within 1e-5 relative error (max |a - b| / max |b|, per tensor).
+Every pair found in $IJEPA_REFERENCE_DIR (default ../shared/golden beside the checkout) is checked,
+and finding none is a failure, not a skip:
 
-The state after the step is checked two ways. Applying our optimiser and EMA to the reference's
+- ``ref_step_<name>.pt`` with ``ref_ckpt_<name>.pth.tar``: one fp32 step. The models are built
+  from the published-layout checkpoint alone, then encoder outputs, predictor outputs, both
+  losses, every gradient and the state after one AdamW + EMA step must be within 1e-5 relative
+  error (max |a - b| / max |b|, per tensor).
+- ``ref_traj_<name>.pt`` with ``ref_traj_ckpt_<name>.pth.tar``: several fp32 steps of the
+  reference's training script (its schedules, four AdamW groups and EMA). ``train_step`` must
+  reproduce each step's learning rate, weight decay, momentum and loss and the final state, from
+  the start and again after resuming from the reference's own mid-run checkpoint (optimiser state
+  included).
+
+The state after a step is checked two ways. Applying our optimiser and EMA to the reference's
 gradients checks the update rule (groups, weight decay, momentum) on any attention path. Applying
 them to our own gradients checks the whole step end to end; that is done on the plain path
 (``attn="math"``, the reference's arithmetic), because AdamW's first step divides each gradient
@@ -17,24 +25,36 @@ import pytest
 import torch
 from conftest import reference_dir
 
-from ijepa_fast.checkpoint import models_from_checkpoint, read_checkpoint
+from ijepa_fast.checkpoint import add_prefix, models_from_checkpoint, read_checkpoint
 from ijepa_fast.masks import MaskBatch
-from ijepa_fast.step import IJEPA, jepa_loss, make_optimizer
+from ijepa_fast.schedules import Schedules
+from ijepa_fast.step import IJEPA, jepa_loss, make_optimizer, train_step
+from ijepa_fast.train_state import load_file
 
 TOL = 1e-5
+PARTS = ("encoder", "predictor", "target_encoder")
 
 
-def _pairs():
+def _pairs(prefix: str, companion: str) -> list:
+    """(golden file, companion checkpoint) for every ``<prefix><name>.pt`` in the reference folder."""
     d = reference_dir()
     out = []
-    for step_file in sorted(d.glob("ref_step_*.pt")):
-        name = step_file.name[len("ref_step_"):-len(".pt")]
-        ckpt = d / f"ref_ckpt_{name}.pth.tar"
-        out.append(pytest.param(step_file, ckpt, id=name))
+    for gold_file in sorted(d.glob(f"{prefix}*.pt")):
+        name = gold_file.name[len(prefix):-len(".pt")]
+        out.append(pytest.param(gold_file, d / f"{companion}{name}.pth.tar", id=name))
     return out
 
 
-PAIRS = _pairs()
+PAIRS = _pairs("ref_step_", "ref_ckpt_")
+TRAJ_PAIRS = _pairs("ref_traj_", "ref_traj_ckpt_")
+
+
+def test_reference_files_present():
+    """No golden file is a failure: the suite must never pass without comparing against the reference."""
+    assert PAIRS, f"no ref_step_<name>.pt files in {reference_dir()} (set IJEPA_REFERENCE_DIR)"
+    assert TRAJ_PAIRS, f"no ref_traj_<name>.pt files in {reference_dir()} (set IJEPA_REFERENCE_DIR)"
+    for p in PAIRS + TRAJ_PAIRS:
+        assert p.values[1].exists(), f"{p.values[0].name} has no matching {p.values[1].name}"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,9 +66,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_golden_step(step_file, ckpt_file, attn="sdpa", kernels="reference", layout="auto", device="cpu"):
     """Everything the engine computes for the golden step, keyed like the golden file.
 
-    On a GPU (``device="cuda"``, TF32 off) the state after our own update is left out: AdamW's
-    first step turns the GPU's other summation order into differences far above the tolerance
-    (see the module docstring); the update rule is still checked from the reference's gradients."""
+    The state after our own update is checked only on the reference's arithmetic (math attention,
+    reference ops, CPU): on a GPU (TF32 off) or with the Triton kernels, AdamW's first step turns
+    another summation order (the kernels' atomic scatter and partial sums) into differences above
+    the tolerance (see the module docstring); the update rule is still checked from the
+    reference's gradients, and outputs and every gradient are checked on every path."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -85,7 +107,7 @@ def _golden_step(step_file, ckpt_file, attn, kernels, layout, device):
     loss.backward()
     out["grads"] = {n: {k: p.grad.clone() for k, p in getattr(model, n).named_parameters() if p.grad is not None}
                     for n in ("encoder", "predictor")}
-    if attn == "math" and device == "cpu":  # end to end, with our own gradients
+    if attn == "math" and kernels == "reference" and device == "cpu":  # end to end, with our own gradients
         out["state_after"] = apply_update(model, gold["step"])
     # the update rule, from the reference's gradients and the loaded start state
     enc2, pred2, tgt2 = models_from_checkpoint(read_checkpoint(ckpt_file), num_heads=cfg["num_heads"],
@@ -136,12 +158,6 @@ def compare(gold, out) -> list[str]:
     return bad
 
 
-def test_reference_files_present():
-    assert PAIRS, f"no ref_step_<name>.pt files in {reference_dir()}"
-    for p in PAIRS:
-        assert p.values[1].exists(), f"{p.values[0].name} has no matching {p.values[1].name}"
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "math"])
 @pytest.mark.parametrize("step_file,ckpt_file", PAIRS)
 def test_reference_golden_step(step_file, ckpt_file, attn):
@@ -181,3 +197,82 @@ def test_reference_pos_embed_tables(step_file, ckpt_file):
         table = gold["state_before"][part][key]
         ours = sincos_2d(table.shape[-1], grid_from_tokens(table.shape[1])).unsqueeze(0)
         assert torch.allclose(ours, table, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the multi-step trajectory
+
+def traj_schedules(gold) -> Schedules:
+    o = gold["optim"]
+    return Schedules(steps_per_epoch=o["iterations_per_epoch"], epochs=o["epochs"], warmup=o["warmup_epochs"],
+                     start_lr=o["start_lr"], lr=o["lr"], final_lr=o["final_lr"], weight_decay=o["weight_decay"],
+                     final_weight_decay=o["final_weight_decay"], ipe_scale=o["ipe_scale"], ema=tuple(o["ema"]))
+
+
+def traj_model(gold, ckpt: dict) -> IJEPA:
+    cfg = gold["config"]
+    enc, pred, tgt = models_from_checkpoint(ckpt, num_heads=cfg["num_heads"], pred_heads=cfg["pred_num_heads"],
+                                            norm_eps=cfg["norm_eps"], attn_impl="math")
+    return IJEPA(enc, pred, tgt).configure_kernels("reference")
+
+
+def run_trajectory(gold, model, optimizer, first: int) -> tuple[list[str], dict]:
+    """Steps ``first``.. of the golden trajectory through ``train_step``; the failures and the final state."""
+    bad = []
+    schedules = traj_schedules(gold)
+    for i in range(first, len(gold["steps"])):
+        s = gold["steps"][i]
+        res = train_step(model, optimizer, s["images"], MaskBatch.from_lists(s["masks_enc"], s["masks_pred"]), i,
+                         schedules, "fp32")
+        checks = (("lr", res.lr, s["lr"], 1e-12), ("wd", res.wd, s["wd"], 1e-12),
+                  ("momentum", res.momentum, s["momentum"], 1e-12), ("loss", res.loss, s["loss"], TOL))
+        for what, ours, ref, tol in checks:
+            if not abs(ours - ref) <= tol * abs(ref):
+                bad.append(f"step {i} {what}: {ours!r} vs the reference's {ref!r}")
+    return bad, {n: getattr(model, n).state_dict() for n in PARTS}
+
+
+def compare_states(ours: dict, ref: dict, what: str) -> list[str]:
+    bad = []
+    for part, state in ref.items():
+        for k, v in state.items():
+            err = rel_err(ours[part][k], v)
+            if not err <= TOL:
+                bad.append(f"{what} {part}.{k}: relative error {err:.2e}")
+    return bad
+
+
+@pytest.mark.parametrize("traj_file,ckpt_file", TRAJ_PAIRS)
+def test_reference_golden_trajectory_from_the_start(traj_file, ckpt_file):
+    gold = torch.load(traj_file, weights_only=False)
+    model = traj_model(gold, {n: add_prefix(gold["state_before"][n]) for n in PARTS})
+    bad, state = run_trajectory(gold, model, make_optimizer(model), 0)
+    bad += compare_states(state, gold["state_after"], "after the last step:")
+    assert not bad, "the trajectory differs from the reference:\n" + "\n".join(bad)
+    moved = rel_err(gold["state_after"]["encoder"]["blocks.0.attn.qkv.weight"],
+                    gold["state_before"]["encoder"]["blocks.0.attn.qkv.weight"])
+    assert moved > 100 * TOL  # the steps move the weights far more than the tolerance
+
+
+@pytest.mark.parametrize("traj_file,ckpt_file", TRAJ_PAIRS)
+def test_reference_golden_trajectory_resumed_from_its_checkpoint(traj_file, ckpt_file):
+    """The reference's own mid-run checkpoint (optimiser state included) resumes to the same end state."""
+    gold = torch.load(traj_file, weights_only=False)
+    model = traj_model(gold, read_checkpoint(ckpt_file))
+    optimizer = make_optimizer(model)
+    extra = load_file(ckpt_file, model, optimizer)
+    first = extra["epoch"] * gold["optim"]["iterations_per_epoch"]
+    assert first == gold["ckpt_step"] and 0 < first < len(gold["steps"])
+    assert optimizer.state  # the moments came from the file, not from zero
+    bad, state = run_trajectory(gold, model, optimizer, first)
+    bad += compare_states(state, gold["state_after"], "after the last step:")
+    assert not bad, "the resumed trajectory differs from the reference:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("traj_file,ckpt_file", TRAJ_PAIRS)
+def test_reference_golden_trajectory_check_is_sharp(traj_file, ckpt_file):
+    """Resuming with fresh optimiser moments (a plausible bug) fails the comparison."""
+    gold = torch.load(traj_file, weights_only=False)
+    model = traj_model(gold, read_checkpoint(ckpt_file))
+    bad, state = run_trajectory(gold, model, make_optimizer(model), gold["ckpt_step"])
+    assert compare_states(state, gold["state_after"], "")
