@@ -50,12 +50,14 @@ _EXPORTS = {
     "Schedules": "schedules", "warmup_cosine_lr": "schedules", "cosine_weight_decay": "schedules",
     "ema_momentum": "schedules",
     "Config": "config", "ModelConfig": "config", "DataConfig": "config", "MaskConfig": "config",
-    "OptimConfig": "config", "RunConfig": "config", "ConfigError": "config", "load_config": "config",
+    "OptimConfig": "config", "RunConfig": "config", "load_config": "config",
+    "IJEPAFastError": "errors", "ConfigError": "errors", "CheckpointError": "errors", "DataError": "errors",
+    "TrainingStopped": "errors",
     "VisionTransformer": "models", "VisionTransformerPredictor": "models", "build_encoder": "models",
     "build_predictor": "models",
     "load_strict": "checkpoint", "read_checkpoint": "checkpoint", "save_atomic": "checkpoint",
     "encoder_from_checkpoint": "checkpoint", "models_from_checkpoint": "checkpoint",
-    "export_safetensors": "checkpoint", "CheckpointError": "checkpoint",
+    "export_safetensors": "checkpoint",
     "Trainer": "train", "train": "train",
 }
 

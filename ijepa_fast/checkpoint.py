@@ -15,15 +15,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .models import VIT_SIZES, VisionTransformer, VisionTransformerPredictor
 from .models.pos_embed import grid_from_tokens
 
 MODULES = ("encoder", "predictor", "target_encoder")
 PREFIX = "module."
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
 def strip_prefix(state: dict) -> dict:

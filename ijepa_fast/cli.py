@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import CheckpointError, ConfigError, DataError, TrainingStopped
+
 DEFAULT_CONFIG = "demo_cpu"
 
 
@@ -292,25 +294,17 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.args = list(getattr(args, "args", [])) + rest
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data.images import DataError
-
     try:
         return args.func(args)
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        from .train import TrainingStopped
-
-        if isinstance(e, TrainingStopped):
-            print(f"stopped: {e}", file=sys.stderr)
-            return 3
-        raise
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config_reference import is_reference_config, translate_reference_config
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the key."""
+__all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "MaskConfig", "ModelConfig", "OptimConfig",
+           "PerfConfig", "RunConfig", "describe", "dump_config", "load_config"]
 
 
 def opt(default, help: str, choices=None):
@@ -288,8 +290,6 @@ def parse_override(text: str) -> dict:
 def read_yaml(path: Path, _seen=()) -> dict:
     """A YAML config as a dict in our layout (reference files are translated), bases resolved."""
     import yaml
-
-    from .config_reference import is_reference_config, translate_reference_config
 
     path = Path(path)
     if path in _seen:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 SECTIONS = {"data", "mask", "meta", "optimization", "logging"}
 

@@ -19,6 +19,7 @@ from . import __version__, distributed, perf
 from .checkpoint import add_prefix
 from .config import Config, dump_config
 from .data import build_loader, build_source
+from .errors import TrainingStopped
 from .kernels.dispatch import describe as describe_kernels
 from .masks import MultiBlockSampler
 from .monitor import CollapseMonitor
@@ -28,10 +29,6 @@ from .step import IJEPA, make_optimizer, train_step
 from .train_state import CheckpointManager, is_sharded, load_file, load_sharded, resolve
 
 MAX_SKIPPED_IN_A_ROW = 10
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (a non-finite loss); the last good checkpoint is intact."""
 
 
 def describe_attention(cfg: Config, device: torch.device) -> str:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from PIL import Image, ImageFile
 
+from ..errors import DataError
+
+__all__ = ["DataError", "FolderImages", "TensorImages", "decode", "scan_folder", "to_rgb"]
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
-
-
-class DataError(RuntimeError):
-    """A data problem found before training starts; the message says what to fix."""
 
 
 def scan_folder(root) -> tuple[list[str], list[int], list[str]]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .rng import MASK64, Stream, derive
 
 MODES = ("default", "reference")
