@@ -1,10 +1,16 @@
-"""Checkpoints: the published layout, atomic writes, strict loading, safetensors export.
+"""The checkpoint format, written and read here only: the published layout, atomic writes, strict
+loading, the architecture read off the weights, safetensors export.
 
 A checkpoint is a ``.pth.tar`` dict with the published keys ``encoder``, ``predictor``,
 ``target_encoder`` (state dicts whose keys start with ``module.``), ``opt``, ``scaler``,
 ``epoch``, ``loss``, ``batch_size``, ``world_size`` and ``lr``, so published checkpoints and
 ours load the same way. Ours add an ``ijepa_fast`` entry with what an exact resume needs (step,
-sampler, RNG states, data position, config).
+sampler, RNG states, data position, config). A sharded (FSDP) checkpoint is a DCP folder
+``<tag>-step<N>.dcp/`` named by a ``<tag>-latest.dcp`` pointer file; ``read_checkpoint``
+consolidates it into the same dict.
+
+Every file is read with ``torch.load(weights_only=True)``: a checkpoint from elsewhere can hold
+tensors and plain containers, never objects that run code when unpickled.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 from .errors import CheckpointError
 from .models import VIT_SIZES, VisionTransformer, VisionTransformerPredictor
 from .models.pos_embed import grid_from_tokens
+from .runlog import log
 
 MODULES = ("encoder", "predictor", "target_encoder")
 PREFIX = "module."
@@ -51,24 +58,85 @@ def load_strict(module: torch.nn.Module, state: dict, what: str = "model") -> No
     module.load_state_dict(state, strict=True)
 
 
+def _load(path: Path):
+    """torch.load of tensors and plain containers only (see the module docstring)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn, foreign or unsafe file: say which
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
 def read_checkpoint(path) -> dict:
     """A checkpoint as one dict in the published layout (a sharded one is consolidated first)."""
-    path = Path(path)
-    if path.is_dir() or path.name.endswith(".dcp"):
-        from .train_state import consolidate
-
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {path} does not exist")
+    path = resolve(path)
+    if path.is_dir():
         return consolidate(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: say which
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    ckpt = _load(path)
     if not isinstance(ckpt, dict) or not any(m in ckpt for m in MODULES):
         raise CheckpointError(f"{path} is not an I-JEPA checkpoint (no encoder / target_encoder entry)")
     return ckpt
+
+
+def resolve(path) -> Path:
+    """A ``<tag>-latest.dcp`` pointer file -> the sharded checkpoint folder it names; anything else unchanged."""
+    path = Path(path)
+    if path.is_file() and path.name.endswith(".dcp"):
+        return path.parent / path.read_text().strip()
+    return path
+
+
+def consolidate(path) -> dict:
+    """A sharded (DCP) checkpoint as one published-layout dict (for export, evaluation, a resume
+    on one process); the consolidated copy is cached inside the folder."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = resolve(path)
+    if not (path / "train.pt").is_file():
+        raise CheckpointError(f"{path} is not a sharded I-JEPA checkpoint (no train.pt)")
+    tmp = path / ".consolidated.pt"
+    if not tmp.exists():
+        dcp_to_torch_save(str(path), str(tmp))
+    model = _load(tmp)["model"]
+    out = {name: add_prefix({k[len(name) + 1:]: v for k, v in model.items() if k.startswith(name + ".")})
+           for name in MODULES}
+    extra = _load(path / "train.pt")
+    out.update({"opt": None, "scaler": None, "epoch": extra.get("data", {}).get("epoch", 0), "ijepa_fast": extra})
+    log.info(f"consolidated the sharded checkpoint {path}")
+    return out
+
+
+def training_checkpoint(model, optimizer, *, epoch: int, loss: float, batch_size: int, world_size: int,
+                        lr: float, extra: dict) -> dict:
+    """The published-layout dict of a training state (``model``: an IJEPA), with our ``extra``
+    resume state (step, sampler, data position, config) and the RNG states under ``ijepa_fast``."""
+    state = {name: add_prefix(getattr(model, name).state_dict()) for name in MODULES}
+    state.update({"opt": optimizer.state_dict(), "scaler": None, "epoch": epoch, "loss": loss,
+                  "batch_size": batch_size, "world_size": world_size, "lr": lr,
+                  "ijepa_fast": {**extra, "rng": rng_state()}})
+    return state
+
+
+def load_training_checkpoint(path, model, optimizer) -> dict:
+    """Load a one-file checkpoint (ours or a published one) into ``model`` (an IJEPA) and
+    ``optimizer``, and restore the RNG states it carries. Returns its ``ijepa_fast`` entry (empty
+    for a published file) plus its ``epoch``."""
+    ckpt = read_checkpoint(path)
+    for name in MODULES:
+        if name not in ckpt:
+            raise CheckpointError(f"{path} has no {name!r} entry; cannot resume from it")
+        load_strict(getattr(model, name), ckpt[name], name)
+    if ckpt.get("opt") is not None:
+        try:
+            optimizer.load_state_dict(ckpt["opt"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: optimiser state does not fit this model ({e})") from None
+    extra = dict(ckpt.get("ijepa_fast") or {})
+    if extra.get("rng"):
+        set_rng_state(extra["rng"])
+    extra["epoch"] = int(ckpt.get("epoch", 0))
+    return extra
 
 
 def save_atomic(obj, path) -> None:

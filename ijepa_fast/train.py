@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, distributed, perf
-from .checkpoint import add_prefix
+from .checkpoint import load_training_checkpoint, resolve, training_checkpoint
 from .config import Config, dump_config
 from .data import build_loader, build_source
 from .errors import TrainingStopped
@@ -26,7 +26,7 @@ from .monitor import CollapseMonitor
 from .runlog import MetricsWriter, Progress, log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import IJEPA, make_optimizer, train_step
-from .train_state import CheckpointManager, is_sharded, load_file, load_sharded, resolve
+from .train_state import CheckpointManager, is_sharded, load_sharded
 
 MAX_SKIPPED_IN_A_ROW = 10
 
@@ -158,7 +158,7 @@ class Trainer:
         if is_sharded(path):
             extra = load_sharded(path, self.model, self.optimizer, self.rank)
         else:
-            extra = load_file(path, self.model, self.optimizer)
+            extra = load_training_checkpoint(path, self.model, self.optimizer)
         if "step" in extra:
             self.step = int(extra["step"])
             self.sampler.load_state_dict(extra["sampler"])
@@ -182,18 +182,14 @@ class Trainer:
                 "pred_heads": blocks[0].attn.num_heads if len(blocks) else None, "config": c.to_dict()}
 
     def save(self, loss_avg: float) -> Path:
-        from .checkpoint import rng_state
-
-        c, m = self.cfg, self.model
         self.sampler.step = self.step  # workers drew by step number; the next draw is this step's
         epoch = self.step // self.steps_per_epoch
         extra = self.train_state()
         if self.ckpt.sharded:
             return self.ckpt.save_sharded(self.model, self.optimizer, extra, self.step)
-        state = {"encoder": add_prefix(m.encoder.state_dict()), "predictor": add_prefix(m.predictor.state_dict()),
-                 "target_encoder": add_prefix(m.target_encoder.state_dict()), "opt": self.optimizer.state_dict(),
-                 "scaler": None, "epoch": epoch, "loss": loss_avg, "batch_size": c.data.batch_size,
-                 "world_size": self.world, "lr": c.optim.lr, "ijepa_fast": {**extra, "rng": rng_state()}}
+        state = training_checkpoint(self.model, self.optimizer, epoch=epoch, loss=loss_avg,
+                                    batch_size=self.cfg.data.batch_size, world_size=self.world, lr=self.cfg.optim.lr,
+                                    extra=extra)
         return self.ckpt.save_file(state, self.step, epoch, self.step % self.steps_per_epoch == 0)
 
     def _checkpoint_due(self) -> bool:

@@ -1,9 +1,9 @@
-"""Saving and restoring the whole training state: one file, or sharded (FSDP) with DCP.
+"""The checkpoints of a run folder: naming, linking, pruning, and the sharded (FSDP) files.
 
-One file (single process, DDP): ``<tag>-step<N>.pth.tar`` in the published layout (see
-``checkpoint``), written atomically by rank 0; ``<tag>-latest.pth.tar`` is a hard link to the
-newest, replaced atomically; the newest ``run.keep_last`` step files are kept, and
-``<tag>-ep<E>.pth.tar`` every ``run.keep_every_epochs`` epochs.
+The format itself (what a checkpoint holds, how it is read) is ``checkpoint``'s. One file (single
+process, DDP): ``<tag>-step<N>.pth.tar``, written atomically by rank 0; ``<tag>-latest.pth.tar``
+is a hard link to the newest, replaced atomically; the newest ``run.keep_last`` step files are
+kept, and ``<tag>-ep<E>.pth.tar`` every ``run.keep_every_epochs`` epochs.
 
 Sharded (FSDP): ``<tag>-step<N>.dcp/``, written by every rank with ``torch.distributed.checkpoint``
 (models and optimiser, sharded; loadable at another world size, a single process included), plus
@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, load_strict, read_checkpoint, rng_state, save_atomic, set_rng_state
-from .runlog import log
+from .checkpoint import resolve, rng_state, save_atomic, set_rng_state
 
 
 class CheckpointManager:
@@ -88,14 +87,6 @@ def _link_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def resolve(path: Path) -> Path:
-    """A ``<tag>-latest.dcp`` pointer -> the directory it names; anything else unchanged."""
-    path = Path(path)
-    if path.is_file() and path.name.endswith(".dcp"):
-        return path.parent / path.read_text().strip()
-    return path
-
-
 def is_sharded(path: Path) -> bool:
     return resolve(path).is_dir()
 
@@ -114,43 +105,3 @@ def load_sharded(path: Path, model, optimizer, rank: int = 0) -> dict:
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))
     return torch.load(path / "train.pt", weights_only=True)
-
-
-def load_file(path: Path, model, optimizer) -> dict:
-    """Load a one-file checkpoint (ours or a published one); returns its ``ijepa_fast`` entry
-    (empty for a published file) plus its ``epoch``."""
-    ckpt = read_checkpoint(path)
-    for name in ("encoder", "predictor", "target_encoder"):
-        if name not in ckpt:
-            raise CheckpointError(f"{path} has no {name!r} entry; cannot resume from it")
-        load_strict(getattr(model, name), ckpt[name], name)
-    if ckpt.get("opt") is not None:
-        try:
-            optimizer.load_state_dict(ckpt["opt"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: optimiser state does not fit this model ({e})") from None
-    extra = dict(ckpt.get("ijepa_fast") or {})
-    if extra.get("rng"):
-        set_rng_state(extra["rng"])
-    extra["epoch"] = int(ckpt.get("epoch", 0))
-    return extra
-
-
-def consolidate(path: Path) -> dict:
-    """A sharded checkpoint as one published-layout dict (for export and evaluation)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from .checkpoint import add_prefix
-
-    path = resolve(path)
-    tmp = path / ".consolidated.pt"
-    if not tmp.exists():
-        dcp_to_torch_save(str(path), str(tmp))
-    full = torch.load(tmp, weights_only=False)
-    model = full["model"]
-    out = {name: add_prefix({k[len(name) + 1:]: v for k, v in model.items() if k.startswith(name + ".")})
-           for name in ("encoder", "predictor", "target_encoder")}
-    extra = torch.load(path / "train.pt", weights_only=True)
-    out.update({"opt": None, "scaler": None, "epoch": extra.get("data", {}).get("epoch", 0), "ijepa_fast": extra})
-    log.info(f"consolidated the sharded checkpoint {path}")
-    return out

@@ -124,3 +124,35 @@ def test_checkpoint_file_permissions_follow_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "c.pth.tar").stat().st_mode & 0o777 == 0o644
+
+
+class _Planted:
+    """Unpickling this runs code (it touches a file): what a hostile checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_never_unpickles_arbitrary_objects(tmp_path):
+    """A published or downloaded checkpoint is read with weights_only: a planted object is refused with
+    a CheckpointError before it can run, by every command that reads checkpoints."""
+    from conftest import run_cli
+
+    from ijepa_fast.checkpoint import read_checkpoint
+
+    marker = tmp_path / "ran"
+    bad = tmp_path / "hostile.pth.tar"
+    model = IJEPA.build("custom", img_size=32, patch_size=4, pred_depth=1, pred_dim=16, embed_dim=32, depth=1,
+                        num_heads=2)
+    torch.save({"encoder": model.encoder.state_dict(), "target_encoder": model.target_encoder.state_dict(),
+                "predictor": model.predictor.state_dict(), "payload": _Planted(marker)}, bad)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(bad)
+    p = run_cli("export", bad, tmp_path / "out.safetensors", check=False)
+    assert p.returncode == 2 and "cannot read checkpoint" in p.stderr and "Traceback" not in p.stderr
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+    torch.load(bad, weights_only=False)  # the planted object is real: unpickling it does run
+    assert marker.exists()

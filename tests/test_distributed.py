@@ -27,7 +27,8 @@ def torchrun(nproc, *args, cwd=None, timeout=600):
 
 
 def weights(path):
-    from ijepa_fast.train_state import consolidate, is_sharded
+    from ijepa_fast.checkpoint import consolidate
+    from ijepa_fast.train_state import is_sharded
 
     ckpt = consolidate(path) if is_sharded(path) else torch.load(path, weights_only=True)
     return {f"{part}.{k}": v for part in ("encoder", "predictor", "target_encoder") for k, v in ckpt[part].items()}

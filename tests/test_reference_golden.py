@@ -25,11 +25,10 @@ import pytest
 import torch
 from conftest import reference_dir
 
-from ijepa_fast.checkpoint import add_prefix, models_from_checkpoint, read_checkpoint
+from ijepa_fast.checkpoint import add_prefix, load_training_checkpoint, models_from_checkpoint, read_checkpoint
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.schedules import Schedules
 from ijepa_fast.step import IJEPA, jepa_loss, make_optimizer, train_step
-from ijepa_fast.train_state import load_file
 
 TOL = 1e-5
 PARTS = ("encoder", "predictor", "target_encoder")
@@ -260,7 +259,7 @@ def test_reference_golden_trajectory_resumed_from_its_checkpoint(traj_file, ckpt
     gold = torch.load(traj_file, weights_only=False)
     model = traj_model(gold, read_checkpoint(ckpt_file))
     optimizer = make_optimizer(model)
-    extra = load_file(ckpt_file, model, optimizer)
+    extra = load_training_checkpoint(ckpt_file, model, optimizer)
     first = extra["epoch"] * gold["optim"]["iterations_per_epoch"]
     assert first == gold["ckpt_step"] and 0 < first < len(gold["steps"])
     assert optimizer.state  # the moments came from the file, not from zero

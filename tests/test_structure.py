@@ -1,0 +1,119 @@
+"""The layout's rules, checked on the source tree: one direction of import, no cycles.
+
+Every import statement counts, those inside functions included (an import hidden in a function
+is still a dependency; it only moves the failure to run time).
+"""
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = "ijepa_fast"
+
+
+def source_modules() -> dict[str, Path]:
+    """Module name -> file, for the engine and for kernels/ (installed as ijepa_fast.kernels)."""
+    out = {}
+    for base, prefix in ((ROOT / "ijepa_fast", PACKAGE), (ROOT / "kernels", f"{PACKAGE}.kernels")):
+        for path in sorted(base.rglob("*.py")):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([prefix, *parts])] = path
+    return out
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules that ``name`` imports, anywhere in its file."""
+    is_pkg = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")
+                base = base[:len(base) - node.level + (1 if is_pkg else 0)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for a in node.names:  # `from pkg import submodule` imports the submodule, else pkg itself
+                found.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod)
+    deps = set()
+    for mod in found:
+        while mod and mod not in known:  # `import a.b.c` of an attribute: the module that holds it
+            mod = mod.rpartition(".")[0]
+        if mod and mod != name:
+            deps.add(mod)
+    return deps
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = source_modules()
+    return {name: imported_modules(name, path, set(mods)) for name, path in mods.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_structure_checker_sees_hidden_cycles(tmp_path):
+    """The checker itself: an import inside a function closes a cycle it must report."""
+    pkg = tmp_path / "p"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from .a import g\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    names = {"p": pkg / "__init__.py", "p.a": pkg / "a.py", "p.b": pkg / "b.py", "p.c": pkg / "c.py"}
+    graph = {n: imported_modules(n, p, set(names)) for n, p in names.items()}
+    assert graph["p.c"] == {"p.a"}
+    assert cycles(graph) == [["p.a", "p.b"]]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 30 and any("ijepa_fast.kernels.ema" in deps for deps in graph.values())
+    found = cycles(graph)
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_kernels_import_nothing_from_the_engine():
+    """kernels/ is the bottom layer: the engine imports it, never the reverse."""
+    graph = import_graph()
+    kernels = {n for n in graph if n.startswith(f"{PACKAGE}.kernels")}
+    assert len(kernels) >= 6
+    bad = {n: sorted(d for d in graph[n] if not d.startswith(f"{PACKAGE}.kernels")) for n in kernels}
+    bad = {n: d for n, d in bad.items() if d}
+    assert not bad, f"kernels/ imports the engine: {bad}"
+    for path in (ROOT / "kernels").rglob("*.py"):  # nor reaches above itself by a relative import
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.module or "").startswith(PACKAGE), f"{path.name}: {ast.dump(node)}"
