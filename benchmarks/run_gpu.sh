@@ -35,7 +35,7 @@ if [ "${SEARCH:-0}" = 1 ]; then
 fi
 
 echo "== correctness on $card (kernels compiled for the card, attention backends, golden step)"
-timeout "$TESTS_S" python -m pytest tests/test_kernels.py tests/test_varlen.py tests/test_reference_golden.py \
+timeout "$TESTS_S" python -m pytest tests/test_kernel*.py tests/test_varlen.py tests/test_reference_golden.py \
     -q -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests_$card.txt"
 if [ -n "$search_pid" ]; then
     wait "$search_pid"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config_reference import is_reference_config, translate_reference_config
 from .errors import ConfigError
+from .kernels.jepa_loss import KINDS as LOSSES
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "MaskConfig", "ModelConfig", "OptimConfig",
            "PerfConfig", "RunConfig", "describe", "dump_config", "load_config"]
@@ -112,7 +113,7 @@ class OptimConfig:
     ema: tuple[float, float] = opt((0.996, 1.0), "target-encoder EMA momentum, start and end")
     ema_schedule: str = opt("linear", "momentum ramp: 'linear' (released code) or 'cosine' (paper text)",
                             ("linear", "cosine"))
-    loss: str = opt("smooth_l1", "'smooth_l1' (released code, beta 1) or 'mse' (paper text)", ("smooth_l1", "mse"))
+    loss: str = opt("smooth_l1", "'smooth_l1' (released code, beta 1) or 'mse' (paper text)", LOSSES)
     grad_clip: float | None = opt(None, "clip the global gradient norm to this value (null = off)")
     accum_steps: int = opt(1, "split each process's batch into this many micro-batches (gradient accumulation; "
                            "less memory, the same step)")

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .kernels.predictor_tokens_packed import PackedPlan, plan
+from .kernels.predictor_tokens import PackedPlan, plan
 from .masks import MaskBatch
 from .models.varlen import VarlenMeta
 

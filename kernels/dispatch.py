@@ -65,7 +65,14 @@ def describe(backend: str, device: torch.device) -> str:
     return "kernels: pure-torch references (no CUDA device)"
 
 
+# ---------------------------------------------------------------------------------------------
+# launch sizes, shared by every op
+
 MAX_BLOCK_NUMEL = 1 << 20  # Triton's largest block
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def block_rows(gpu: int, interpreted: int, width: int = 1) -> int:
@@ -73,3 +80,10 @@ def block_rows(gpu: int, interpreted: int, width: int = 1) -> int:
     costs about a millisecond there), and never more than Triton's largest block allows."""
     rows = interpreted if interpreting() else gpu
     return max(1, min(rows, MAX_BLOCK_NUMEL // max(width, 1)))
+
+
+def token_blocks(width: int) -> tuple[int, int]:
+    """(BLOCK_T rows, BLOCK_D columns) of the row-gathering ops (token gathers, predictor tokens):
+    up to 256 columns per program, 32 rows on a GPU, 4096 under the interpreter."""
+    block_d = min(next_power_of_2(width), 256)
+    return block_rows(32, 4096, block_d), block_d

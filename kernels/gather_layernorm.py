@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import block_rows, use_triton
+from .dispatch import block_rows, next_power_of_2, use_triton
 
 try:
     import triton
@@ -52,7 +52,7 @@ def gather_layernorm_triton(h, idx, eps=1e-5):
     if t == 0:
         return out
     h = h if h.stride(-1) == 1 else h.contiguous()
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     block_t = block_rows(max(1, 4096 // block_d), 2048, block_d)
     _gather_ln_kernel[(triton.cdiv(t, block_t),)](h, idx, out, t, idx.shape[-1], b, d, h.stride(0), h.stride(1),
                                                   float(eps), BLOCK_T=block_t, BLOCK_D=block_d,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import block_rows, use_triton
+from .dispatch import token_blocks, use_triton
 
 try:
     import triton
@@ -116,11 +116,6 @@ if triton is not None:
         tl.store(Gx_ptr + dest[:, None] * D + d[None, :], acc.to(Gx_ptr.dtype.element_ty), mask=m2)
 
 
-def _blocks(d: int) -> tuple[int, int]:
-    block_d = min(triton.next_power_of_2(d), 256)
-    return block_rows(32, 4096, block_d), block_d
-
-
 def _flags(idx, pos, lens, row_ids):
     return dict(HAS_POS=pos is not None, HAS_LENS=lens is not None, PACKED=row_ids is not None)
 
@@ -134,7 +129,7 @@ def gather_tokens_triton(x, idx, pos=None, lens=None, row_ids=None):
     if t == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
-    bt, bd = _blocks(d)
+    bt, bd = token_blocks(d)
     dummy = idx
     _gather_fwd_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
         x, idx, pos if pos is not None else x, lens if lens is not None else dummy,
@@ -149,7 +144,7 @@ def scatter_tokens_triton(grad, idx, b, n, lens=None, row_ids=None, deterministi
     t = idx.numel()
     length = idx.shape[-1] if row_ids is None else 1
     grad = grad.contiguous()
-    bt, bd = _blocks(d)
+    bt, bd = token_blocks(d)
     if not deterministic:
         gx = torch.zeros(b, n, d, device=grad.device, dtype=torch.float32)
         if t:

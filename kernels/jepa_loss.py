@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import block_rows, use_triton
+from .dispatch import block_rows, interpreting, next_power_of_2, use_triton
 
 try:
     import triton
@@ -21,7 +21,7 @@ try:
 except ImportError:
     triton = None
 
-KINDS = ("smooth_l1", "mse")
+KINDS = ("smooth_l1", "mse")  # the loss names, here only: the engine and its config take them from here
 
 
 def _target_rows(r: int, repeat: int, num_targets: int, device):
@@ -92,7 +92,7 @@ def jepa_loss_triton(pred, target, kind, valid, repeat, num_targets, write_grad:
     else:
         scale = torch.full((), 1.0 / max(r * length * d, 1), device=pred.device, dtype=torch.float32)
     pred, target = pred.contiguous(), target.contiguous()
-    block_d = min(triton.next_power_of_2(d), 512 if not _interp() else 2048)
+    block_d = min(next_power_of_2(d), 2048 if interpreting() else 512)
     block_t = block_rows(16, 4096, block_d)
     nprog = max(1, triton.cdiv(r * length, block_t))
     part = torch.empty(nprog, device=pred.device, dtype=torch.float32)
@@ -102,12 +102,6 @@ def jepa_loss_triton(pred, target, kind, valid, repeat, num_targets, write_grad:
                            SMOOTH_L1=kind == "smooth_l1", HAS_VALID=valid is not None, WRITE_GRAD=write_grad,
                            BLOCK_T=block_t, BLOCK_D=block_d)
     return part.sum() * scale, (grad if write_grad else None)
-
-
-def _interp():
-    from .dispatch import interpreting
-
-    return interpreting()
 
 
 @torch.library.custom_op("ijepa_fast::jepa_loss", mutates_args=())

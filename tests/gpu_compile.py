@@ -57,7 +57,6 @@ def install(arch: int) -> list[str]:
         gather_tokens,
         jepa_loss,
         predictor_tokens,
-        predictor_tokens_packed,
     )
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
@@ -76,7 +75,7 @@ def install(arch: int) -> list[str]:
     def use_triton(backend, *tensors):
         return backend != "reference"
 
-    for mod in (dispatch, ema, gather_layernorm, gather_tokens, jepa_loss, predictor_tokens, predictor_tokens_packed):
+    for mod in (dispatch, ema, gather_layernorm, gather_tokens, jepa_loss, predictor_tokens):
         if hasattr(mod, "use_triton"):
             mod.use_triton = use_triton
     return compiled
@@ -89,8 +88,7 @@ def cases():
     from ijepa_fast.kernels.gather_layernorm import gather_layernorm
     from ijepa_fast.kernels.gather_tokens import gather_tokens, gather_tokens_packed
     from ijepa_fast.kernels.jepa_loss import jepa_loss
-    from ijepa_fast.kernels.predictor_tokens import predictor_tokens
-    from ijepa_fast.kernels.predictor_tokens_packed import predictor_tokens_packed
+    from ijepa_fast.kernels.predictor_tokens import predictor_tokens, predictor_tokens_packed
 
     def r(*shape, dtype=torch.float32, grad=False):
         return torch.randn(*shape).to(dtype).requires_grad_(grad)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..kernels.predictor_tokens import predictor_tokens
-from ..kernels.predictor_tokens_packed import predictor_tokens_packed
+from ..kernels.predictor_tokens import predictor_tokens, predictor_tokens_packed
 from .attention import key_mask_from_lengths
 from .layers import Block, rescale_residual_projections, trunc_normal_, trunc_normal_init
 from .pos_embed import interpolate_pos_embed, sincos_2d
