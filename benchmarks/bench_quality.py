@@ -81,8 +81,8 @@ def run_recipe(name, overrides, seed, workdir, images, labels, threads, device="
     from ijepa_fast.config import load_config
     from ijepa_fast.data.digits import DigitsImages
     from ijepa_fast.eval import collapse_stats, effective_rank, knn_probe
+    from ijepa_fast.model import IJEPA
     from ijepa_fast.runlog import read_metrics
-    from ijepa_fast.step import IJEPA
     from ijepa_fast.train import Trainer
 
     tr, te = split(seed)

@@ -37,10 +37,10 @@ def param_counts(name: str, patch: int) -> tuple[int, int]:
     """(trainable: encoder + predictor, target encoder) parameter counts."""
     import torch
 
-    from ijepa_fast.step import IJEPA
+    from ijepa_fast.model import IJEPA
 
     with torch.device("meta"):
-        m = IJEPA.build(name, 224, patch, pred_depth=16 if name == "vit_giant" else 12)
+        m = IJEPA.build(name, img_size=224, patch_size=patch, pred_depth=16 if name == "vit_giant" else 12)
     train = sum(p.numel() for part in (m.encoder, m.predictor) for p in part.parameters() if p.requires_grad)
     target = sum(p.numel() for p in m.target_encoder.parameters())
     return train, target

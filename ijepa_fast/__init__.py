@@ -44,7 +44,7 @@ if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isdir(os.path.j
     sys.meta_path.append(_CheckoutKernels(os.path.dirname(_here)))
 
 _EXPORTS = {
-    "IJEPA": "step", "jepa_loss": "step", "make_optimizer": "step", "param_groups": "step",
+    "IJEPA": "model", "jepa_loss": "model", "make_optimizer": "step", "param_groups": "step",
     "train_step": "step", "StepResult": "step",
     "MaskBatch": "masks", "MultiBlockSampler": "masks",
     "Schedules": "schedules", "warmup_cosine_lr": "schedules", "cosine_weight_decay": "schedules",

@@ -19,11 +19,12 @@ import torch
 
 from .config import MaskConfig, PerfConfig
 from .masks import MultiBlockSampler
+from .model import IJEPA
 from .models import VIT_SIZES
 from .perf import apply as apply_perf
 from .perf import optimizer_impl
 from .schedules import Schedules
-from .step import IJEPA, make_optimizer, train_step
+from .step import make_optimizer, train_step
 
 # published recipes: (model, patch, resolution, epochs, images in the dataset)
 RECIPES = {
@@ -114,7 +115,7 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
     precision = "fp32" if device.type != "cuda" else "bf16"
 
     def step(i):
-        return train_step(model, optimizer, images, prepared[i], i, sched, precision, None, master)
+        return train_step(model, optimizer, images, prepared[i], i, sched, precision=precision, master=master)
 
     t0 = time.time()
     for i in range(spec.warmup):

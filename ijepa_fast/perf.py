@@ -22,8 +22,8 @@ import copy
 
 import torch
 
+from .model import IJEPA
 from .runlog import log
-from .step import IJEPA
 
 
 class MasterWeights:

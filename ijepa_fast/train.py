@@ -22,10 +22,11 @@ from .data import build_loader, build_source
 from .errors import TrainingStopped
 from .kernels.dispatch import describe as describe_kernels
 from .masks import MultiBlockSampler
+from .model import IJEPA
 from .monitor import CollapseMonitor
 from .runlog import MetricsWriter, Progress, log, plot_metrics, setup_logging
 from .schedules import Schedules
-from .step import IJEPA, make_optimizer, train_step
+from .step import make_optimizer, train_step
 from .train_state import CheckpointManager, is_sharded, load_sharded
 
 MAX_SKIPPED_IN_A_ROW = 10
@@ -116,8 +117,8 @@ class Trainer:
         # the speed-ups and the wrappers, in a fixed order: bf16 copy, checkpointing, compile, DDP/FSDP
         self.run_model, self.master = perf.apply(self.model, cfg.perf, self.device)
         self.forward = distributed.wrap(self.run_model, self.strategy, self.device, cfg.optim.accum_steps == 1)
-        self.optimizer = make_optimizer(self.model, optim.lr, optim.weight_decay, optim.betas, optim.eps,
-                                        perf.optimizer_impl(cfg.perf, self.device))
+        self.optimizer = make_optimizer(self.model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
+                                        eps=optim.eps, impl=perf.optimizer_impl(cfg.perf, self.device))
         self.ckpt = CheckpointManager(self.run_dir, cfg.run.tag, cfg.run.keep_last, cfg.run.keep_every_epochs,
                                       sharded=self.strategy == "fsdp", rank=self.rank)
         self.step = 0
@@ -285,8 +286,8 @@ class Trainer:
         agree = (lambda f: distributed.all_agree(f, self.device)) if distributed.active() else None
         try:
             res = train_step(self.model, self.optimizer, images, masks, batch.step, self.schedules,
-                             self.cfg.run.precision, self.cfg.optim.grad_clip, self.master, self.forward,
-                             self.cfg.optim.accum_steps, agree)
+                             precision=self.cfg.run.precision, grad_clip=self.cfg.optim.grad_clip, master=self.master,
+                             forward=self.forward, accum_steps=self.cfg.optim.accum_steps, agree=agree)
             self._skips = 0
             return res
         except FloatingPointError as e:

@@ -14,7 +14,7 @@ from ijepa_fast.checkpoint import (
     read_checkpoint,
     save_atomic,
 )
-from ijepa_fast.step import IJEPA
+from ijepa_fast.model import IJEPA
 
 
 def small():

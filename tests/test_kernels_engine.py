@@ -21,7 +21,7 @@ def test_kernel_engine_step_matches_reference_path_with_padding():
     """A default-mode (padded) batch: the whole loss and every gradient, kernels vs references."""
     from ijepa_fast.config import MaskConfig
     from ijepa_fast.masks import MultiBlockSampler
-    from ijepa_fast.step import IJEPA
+    from ijepa_fast.model import IJEPA
 
     torch.manual_seed(0)
     model = IJEPA.build("custom", img_size=32, patch_size=4, pred_depth=1, pred_dim=24, embed_dim=48, depth=1,
@@ -65,7 +65,7 @@ def test_kernel_benchmark_script_runs_every_case(tmp_path):
 def test_kernel_packed_engine_step_matches_references():
     from ijepa_fast.config import MaskConfig
     from ijepa_fast.masks import MultiBlockSampler
-    from ijepa_fast.step import IJEPA
+    from ijepa_fast.model import IJEPA
 
     torch.manual_seed(0)
     model = IJEPA.build("custom", img_size=32, patch_size=4, pred_depth=1, pred_dim=24, embed_dim=48, depth=1,

@@ -21,7 +21,7 @@ from ijepa_fast import IJEPA, MaskConfig, MultiBlockSampler, Schedules, make_opt
 import ijepa_fast.kernels
 m = IJEPA.build('custom', img_size=32, patch_size=4, pred_depth=1, pred_dim=16, embed_dim=32, depth=1, num_heads=2)
 s = MultiBlockSampler(m.grid, MaskConfig(min_keep=2))
-r = train_step(m, make_optimizer(m), torch.randn(2, 3, 32, 32), s(2), 0, Schedules(10, 1, warmup=0.1), 'auto')
+r = train_step(m, make_optimizer(m), torch.randn(2, 3, 32, 32), s(2), 0, Schedules(10, 1, warmup=0.1), precision='auto')
 assert r.loss > 0
 assert not torch.cuda.is_initialized()
 optional = ['numpy', 'yaml', 'PIL', 'triton', 'matplotlib', 'tqdm', 'safetensors', 'flash_attn', 'xformers', 'apex']

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
+from ijepa_fast.model import IJEPA
 from ijepa_fast.models import VIT_SIZES, VisionTransformer, attention, attention_reference, build_encoder
 from ijepa_fast.models.attention import key_mask_from_lengths
 from ijepa_fast.models.pos_embed import interpolate_pos_embed, sincos_2d
-from ijepa_fast.step import IJEPA
 
 
 def vit_param_count(dim, depth, mlp, patch):
@@ -60,8 +60,8 @@ def test_model_init_statistics(init):
 
 
 def test_model_same_seed_same_weights():
-    a = [IJEPA.build("custom", 32, 4, 1, 32, embed_dim=64, depth=2, num_heads=2) for _ in range(2)
-         if torch.manual_seed(7) is not None]
+    a = [IJEPA.build("custom", img_size=32, patch_size=4, pred_depth=1, pred_dim=32, embed_dim=64, depth=2,
+                     num_heads=2) for _ in range(2) if torch.manual_seed(7) is not None]
     for (k, v), (_, w) in zip(a[0].state_dict().items(), a[1].state_dict().items()):
         assert torch.equal(v, w), k
 

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import torch
 
 from ijepa_fast.data.demo import DemoImages
+from ijepa_fast.model import IJEPA
 from ijepa_fast.monitor import CollapseMonitor
-from ijepa_fast.step import IJEPA
 
 
 def _monitor(every=5):

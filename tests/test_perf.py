@@ -4,9 +4,10 @@ import torch
 
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
+from ijepa_fast.model import IJEPA
 from ijepa_fast.perf import MasterWeights, compile_blocks, set_activation_checkpointing
 from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import IJEPA, make_optimizer, train_step
+from ijepa_fast.step import make_optimizer, train_step
 
 
 def _model(**kw):
@@ -62,7 +63,7 @@ def test_perf_master_weights_gradients_and_step():
     sched = Schedules(steps_per_epoch=10, epochs=1, warmup=0.2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = make_optimizer(model)
-    train_step(model, opt, images, masks, 0, sched, "fp32", master=mw)
+    train_step(model, opt, images, masks, 0, sched, precision="fp32", master=mw)
     m = sched.momentum_at(0)
     for (name, p), c in zip(model.named_parameters(), mw.compute.parameters()):
         assert p.dtype == torch.float32 and torch.equal(c, p.to(torch.bfloat16)), name

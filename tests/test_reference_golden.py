@@ -27,8 +27,9 @@ from conftest import reference_dir
 
 from ijepa_fast.checkpoint import add_prefix, load_training_checkpoint, models_from_checkpoint, read_checkpoint
 from ijepa_fast.masks import MaskBatch
+from ijepa_fast.model import IJEPA, jepa_loss
 from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import IJEPA, jepa_loss, make_optimizer, train_step
+from ijepa_fast.step import make_optimizer, train_step
 
 TOL = 1e-5
 PARTS = ("encoder", "predictor", "target_encoder")
@@ -222,7 +223,7 @@ def run_trajectory(gold, model, optimizer, first: int) -> tuple[list[str], dict]
     for i in range(first, len(gold["steps"])):
         s = gold["steps"][i]
         res = train_step(model, optimizer, s["images"], MaskBatch.from_lists(s["masks_enc"], s["masks_pred"]), i,
-                         schedules, "fp32")
+                         schedules, precision="fp32")
         checks = (("lr", res.lr, s["lr"], 1e-12), ("wd", res.wd, s["wd"], 1e-12),
                   ("momentum", res.momentum, s["momentum"], 1e-12), ("loss", res.loss, s["loss"], TOL))
         for what, ours, ref, tol in checks:

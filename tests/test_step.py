@@ -1,4 +1,5 @@
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -7,8 +8,9 @@ import torch.nn.functional as F
 
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MaskBatch, MultiBlockSampler
+from ijepa_fast.model import IJEPA, jepa_loss
 from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import IJEPA, jepa_loss, make_optimizer, param_groups, train_step
+from ijepa_fast.step import make_optimizer, param_groups, train_step
 
 
 def small_model(attn="sdpa", **kw):
@@ -90,7 +92,7 @@ def test_step_train_step_updates_models_and_applies_schedules():
     images = torch.randn(4, 3, 32, 32)
     enc0 = model.encoder.blocks[0].attn.qkv.weight.clone()
     tgt0 = model.target_encoder.blocks[0].attn.qkv.weight.clone()
-    res = train_step(model, opt, images, sampler(4), 3, _sched(), "fp32", grad_clip=1.0)
+    res = train_step(model, opt, images, sampler(4), 3, _sched(), precision="fp32", grad_clip=1.0)
     assert res.lr == pytest.approx(_sched().lr_at(3)) and opt.param_groups[0]["lr"] == res.lr
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(_sched().wd_at(3))
     assert opt.param_groups[2]["weight_decay"] == 0.0
@@ -109,7 +111,7 @@ def test_step_nonfinite_loss_raises_and_changes_nothing():
     images = torch.randn(2, 3, 32, 32)
     images[0, 0, 0, 0] = math.nan
     with pytest.raises(FloatingPointError, match="loss is nan at step 5"):
-        train_step(model, opt, images, masks, 5, _sched(), "fp32")
+        train_step(model, opt, images, masks, 5, _sched(), precision="fp32")
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert not opt.state
@@ -150,3 +152,27 @@ def test_step_init_std_reaches_every_module():
     for w in (m.encoder.blocks[0].attn.qkv.weight, m.predictor.predictor_blocks[0].mlp.fc1.weight,
               m.predictor.predictor_embed.weight, m.encoder.patch_embed.proj.weight):
         assert w.std().item() == pytest.approx(0.1, rel=0.1)
+
+
+def test_step_old_call_forms_still_work_with_a_deprecation_warning():
+    """The Python API kept its names: positional options and the old import place of the loss still
+    work, each with a DeprecationWarning that says what to write instead."""
+    import ijepa_fast
+    import ijepa_fast.step
+
+    with pytest.warns(DeprecationWarning, match="img_size=.*by keyword"):
+        old = IJEPA.build("custom", 32, 4, 1, 24, embed_dim=48, depth=1, num_heads=3)
+    assert old.grid == (8, 8) and len(old.predictor.predictor_blocks) == 1
+    with pytest.warns(DeprecationWarning, match="lr=.*by keyword"):
+        opt = make_optimizer(old, 5e-4)
+    assert opt.param_groups[0]["lr"] == 5e-4
+    sampler = MultiBlockSampler(old.grid, MaskConfig(min_keep=4), seed=0)
+    with pytest.warns(DeprecationWarning, match="precision=.*by keyword"):
+        res = train_step(old, opt, torch.randn(2, 3, 32, 32), sampler(2), 0, _sched(), "fp32", 1.0)
+    assert math.isfinite(res.loss) and res.grad_norm is not None  # grad_clip=1.0 reached its parameter
+    with pytest.raises(TypeError, match="multiple values"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        train_step(old, opt, torch.randn(2, 3, 32, 32), sampler(2), 1, _sched(), "fp32", precision="fp32")
+    with pytest.warns(DeprecationWarning, match="moved to ijepa_fast.model"):
+        assert ijepa_fast.step.jepa_loss is ijepa_fast.jepa_loss
+    assert ijepa_fast.IJEPA is IJEPA and ijepa_fast.train_step is train_step

@@ -6,9 +6,9 @@ from conftest import DEVICE
 
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
+from ijepa_fast.model import IJEPA
 from ijepa_fast.models.varlen import VarlenMeta, attention_varlen, attention_varlen_reference, available
 from ijepa_fast.packing import pack
-from ijepa_fast.step import IJEPA
 
 BACKENDS = ["flash_attn", "torch_varlen", "xformers", "nested", "padded"]
 
