@@ -75,8 +75,9 @@ def main():
             refs += reference_rows(model, patch, batch, args.steps, args.out, args.reference_variants.split(","))
         for mode in args.masks.split(","):
             for path in args.paths.split(","):
-                spec = BenchSpec(model, int(patch), args.img, int(batch), pred_depth, mode, path == "fast",
-                                 args.steps, args.warmup, args.device)
+                spec = BenchSpec(model=model, patch=int(patch), img=args.img, batch=int(batch), pred_depth=pred_depth,
+                                 mask_mode=mode, fast=path == "fast", steps=args.steps, warmup=args.warmup,
+                                 device=args.device)
                 try:
                     row = {**run(spec, peak), **env}
                 except torch.cuda.OutOfMemoryError:

@@ -77,8 +77,8 @@ def matmul_peak_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 / statistics.median(times) / 1e12
 
 
-@dataclass
-class BenchSpec:
+@dataclass(kw_only=True)
+class BenchSpec:  # keyword-only: ten fields of like types
     model: str = "vit_huge"
     patch: int = 14
     img: int = 224

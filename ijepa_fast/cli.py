@@ -103,8 +103,9 @@ def cmd_bench(args) -> int:
     patch = args.patch or (14 if args.model == "vit_huge" else 16)
     for mode in masks:
         for fast in paths:
-            spec = BenchSpec(args.model, patch, args.img, args.batch or PUBLISHED_BATCH[args.model], args.pred_depth,
-                             mode, fast, args.steps, args.warmup, str(device))
+            spec = BenchSpec(model=args.model, patch=patch, img=args.img, mask_mode=mode, fast=fast,
+                             batch=args.batch or PUBLISHED_BATCH[args.model], pred_depth=args.pred_depth,
+                             steps=args.steps, warmup=args.warmup, device=str(device))
             row = run(spec, peak)
             print(json.dumps(row), flush=True)
             if args.out:
@@ -129,8 +130,8 @@ def cmd_extract(args) -> int:
     from .data import FolderImages
     from .eval import extract, save
 
-    feats = extract(_encoder(args), FolderImages(args.data), args.img, args.batch, _device(args), args.tokens,
-                    args.workers)
+    feats = extract(_encoder(args), FolderImages(args.data), img=args.img, batch_size=args.batch, device=_device(args),
+                    tokens=args.tokens, num_workers=args.workers)
     feats.meta.update({"checkpoint": str(args.checkpoint), "which": args.which})
     out = save(feats, args.out)
     skipped = feats.meta["skipped"]
@@ -152,7 +153,8 @@ def _features(args, which: str, tokens: bool, classes=None):
     else:
         if not args.checkpoint:
             raise SystemExit(f"error: {path} is a folder: pass --checkpoint to extract its features")
-        feats = extract(_encoder(args), FolderImages(path), args.img, args.batch, _device(args), tokens, args.workers)
+        feats = extract(_encoder(args), FolderImages(path), img=args.img, batch_size=args.batch, device=_device(args),
+                        tokens=tokens, num_workers=args.workers)
     if tokens and feats.tokens is None:
         raise SystemExit(f"error: the attentive probe needs patch tokens: extract {path} with --tokens")
     if classes is not None and feats.meta.get("classes"):  # the same class names -> the same label numbers

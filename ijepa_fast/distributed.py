@@ -134,11 +134,6 @@ def wrap(model, strategy: str, device: torch.device, static_graph: bool = True):
     raise ValueError(f"unknown dist.strategy {strategy!r}; use none, ddp or fsdp")
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """A parameter's local shard (FSDP2 DTensor), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class StopSignals:
     """SIGTERM / SIGUSR1 (preemption notices) set a flag; the trainer checkpoints and exits at the
     end of the current step."""

@@ -19,7 +19,7 @@ from .runlog import log
 
 
 class CollapseMonitor:
-    def __init__(self, source, crop_size: int, run_cfg, seed: int, device: torch.device):
+    def __init__(self, source, crop_size: int, run_cfg, *, seed: int, device: torch.device):
         self.every = run_cfg.monitor_every
         self.std_floor, self.rank_floor = run_cfg.collapse_std, run_cfg.collapse_rank
         self.device = device

@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__, distributed, perf
+from ._compat import keyword_only
 from .checkpoint import load_training_checkpoint, resolve, training_checkpoint
 from .config import Config, dump_config
 from .data import build_loader, build_source
-from .errors import TrainingStopped
+from .errors import DataError, TrainingStopped
 from .kernels.dispatch import describe as describe_kernels
 from .masks import MultiBlockSampler
 from .model import IJEPA
@@ -80,45 +82,16 @@ def scaled_optim(cfg: Config, global_batch: int):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, config_name: str = "run", source=None, env: distributed.DistEnv | None = None):
+    @keyword_only(3, ("source", "env"))
+    def __init__(self, cfg: Config, config_name: str = "run", *, source=None, env: distributed.DistEnv | None = None):
         """``source``: an image source to train on instead of the one ``cfg.data`` names (anything
         with ``__len__``, ``load(i)`` -> RGB PIL image or None, ``name(i)`` and optional ``labels``).
         ``env``: the process's place among several (default: read from the launcher's variables)."""
         self.cfg = cfg
-        self.env = env or distributed.read_env()
-        self.rank, self.world = self.env.rank, self.env.world
-        self.device = resolve_device(cfg.run.device, self.env)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        if cfg.run.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        side = cfg.data.crop_size // cfg.model.patch_size  # checked before anything is written
-        self.sampler = MultiBlockSampler((side, side), cfg.mask, seed=cfg.run.seed, rank=self.rank, world=self.world)
-        distributed.init(self.env, self.device, cfg.dist.backend)
-        self.run_dir = make_run_dir(cfg, config_name)
-        setup_logging(self.run_dir, self.rank)
-        if self.rank == 0:
-            dump_config(cfg, self.run_dir / "config.yaml")
-        self.source = source if source is not None else build_source(cfg.data, cfg.run.seed)
-        self.global_batch = cfg.data.batch_size * self.world
-        self.steps_per_epoch = len(self.source) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.source)} images are fewer than one global batch of {self.global_batch}; "
-                             f"lower data.batch_size")
-        optim, self.lr_factor = scaled_optim(cfg, self.global_batch)
-        self.schedules = Schedules.from_config(optim, self.steps_per_epoch)
-        torch.manual_seed(cfg.run.seed)
-        self.model = IJEPA.from_config(cfg).to(self.device)
-        self.strategy = cfg.dist.strategy if cfg.dist.strategy != "auto" else "ddp"
-        self.strategy = self.strategy if self.world > 1 else "none"
-        self._describe()
-        # the speed-ups and the wrappers, in a fixed order: bf16 copy, checkpointing, compile, DDP/FSDP
-        self.run_model, self.master = perf.apply(self.model, cfg.perf, self.device)
-        self.forward = distributed.wrap(self.run_model, self.strategy, self.device, cfg.optim.accum_steps == 1)
-        self.optimizer = make_optimizer(self.model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
-                                        eps=optim.eps, impl=perf.optimizer_impl(cfg.perf, self.device))
+        self._setup_process(env)
+        self._setup_run_folder(config_name)
+        self._setup_data(source)
+        self._setup_model()
         self.ckpt = CheckpointManager(self.run_dir, cfg.run.tag, cfg.run.keep_last, cfg.run.keep_every_epochs,
                                       sharded=self.strategy == "fsdp", rank=self.rank)
         self.step = 0
@@ -128,6 +101,54 @@ class Trainer:
             self.master.sync_params()  # the bf16 copy starts from the (possibly loaded) masters
 
     # -- set-up
+    def _setup_process(self, env):
+        """This process: its rank, device, threads, determinism, the process group and the sampler."""
+        c = self.cfg
+        self.env = env or distributed.read_env()
+        self.rank, self.world = self.env.rank, self.env.world
+        self.device = resolve_device(c.run.device, self.env)
+        if c.run.threads:
+            torch.set_num_threads(c.run.threads)
+        if c.run.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        side = c.data.crop_size // c.model.patch_size  # checked before anything is written
+        self.sampler = MultiBlockSampler((side, side), c.mask, seed=c.run.seed, rank=self.rank, world=self.world)
+        distributed.init(self.env, self.device, c.dist.backend)
+
+    def _setup_run_folder(self, config_name: str):
+        self.run_dir = make_run_dir(self.cfg, config_name)
+        setup_logging(self.run_dir, self.rank)
+        if self.rank == 0:
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+
+    def _setup_data(self, source):
+        """The image source, the global batch, the epoch length and the schedules."""
+        c = self.cfg
+        self.source = source if source is not None else build_source(c.data, c.run.seed)
+        self.global_batch = c.data.batch_size * self.world
+        self.steps_per_epoch = len(self.source) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.source)} images are fewer than one global batch of {self.global_batch}; "
+                            f"lower data.batch_size")
+        self.optim, self.lr_factor = scaled_optim(c, self.global_batch)
+        self.schedules = Schedules.from_config(self.optim, self.steps_per_epoch)
+
+    def _setup_model(self):
+        """The model, then the speed-ups and the wrappers in a fixed order (bf16 copy, activation
+        checkpointing, compile, DDP / FSDP), then the optimiser over the fp32 model."""
+        c, o = self.cfg, self.optim
+        torch.manual_seed(c.run.seed)
+        self.model = IJEPA.from_config(c).to(self.device)
+        strategy = c.dist.strategy if c.dist.strategy != "auto" else "ddp"
+        self.strategy = strategy if self.world > 1 else "none"
+        self._describe()
+        self.run_model, self.master = perf.apply(self.model, c.perf, self.device)
+        self.forward = distributed.wrap(self.run_model, self.strategy, self.device, c.optim.accum_steps == 1)
+        self.optimizer = make_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
+                                        impl=perf.optimizer_impl(c.perf, self.device))
+
     def _describe(self):
         c, m = self.cfg, self.model
         n_enc = sum(p.numel() for p in m.encoder.parameters())
@@ -199,6 +220,7 @@ class Trainer:
 
     # -- the loop
     def run(self) -> Path:
+        """Train to the end of the run (or ``run.max_steps``), checkpointing as configured; returns the run folder."""
         c = self.cfg
         total = c.optim.epochs * self.steps_per_epoch
         stop = min(total, c.run.max_steps) if c.run.max_steps else total
@@ -207,62 +229,76 @@ class Trainer:
             return self.run_dir
         loader = self.make_loader(stop)
         writer = MetricsWriter(self.run_dir, self.step) if self.rank == 0 else None
-        self.monitor = CollapseMonitor(self.source, c.data.crop_size, c.run, c.run.seed, self.device)
+        self.monitor = CollapseMonitor(self.source, c.data.crop_size, c.run, seed=c.run.seed, device=self.device)
         bar = Progress(stop, self.step, c.run.progress and self.rank == 0)
-        losses, skipped, saved_at, t_start, first = [], 0, -1, time.time(), self.step
-        t_last, logged_at, skipped_steps = time.time(), self.step, 0
+        loop = _Loop(first=self.step, t_start=time.time(), t_last=time.time(), logged_at=self.step)
         with distributed.StopSignals() as signals:
             try:
                 for batch in loader:
                     res = self._one_step(batch)
                     self.step = batch.step + 1
-                    skipped_steps = skipped_steps + 1 if res is None else 0
-                    if res is not None:
-                        losses.append(res.loss)
-                        bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
-                    skipped += len(batch.skipped)
-                    if batch.skipped:
-                        log.warning(f"skipped {len(batch.skipped)} unusable image(s) (total {skipped}): "
-                                    f"{', '.join(batch.skipped[:3])}")
-                    monitored = self.monitor.measure(self.model) if self.monitor.due(self.step) else {}
-                    if res is not None and (self.step % c.run.log_every == 0 or self.step == stop or monitored):
-                        now = time.time()
-                        row = self._row(batch, res, (now - t_last) / (self.step - logged_at), skipped)
-                        if writer:
-                            writer.write({**row, **monitored})
-                        t_last, logged_at = now, self.step
+                    self._record(batch, res, loop, bar)
+                    self._log_row(batch, res, loop, writer, stop)
                     if self._checkpoint_due():
-                        self.save(_mean(losses[-self.steps_per_epoch:]))
-                        saved_at = self.step
+                        self._save(loop, loop.losses[-self.steps_per_epoch:])
                     if distributed.any_rank(signals.received is not None, self.device):
-                        if saved_at != self.step:
-                            self.save(_mean(losses[-50:]))
-                            saved_at = self.step
-                        log.warning(f"{signals.received or 'a stop signal on another process'}: checkpoint at step "
-                                    f"{self.step} written ({self.ckpt.latest}); exiting. Run the same command to "
-                                    f"resume.")
+                        self._stop_on_signal(signals.received, loop)
                         return self.run_dir
             finally:
                 bar.close()
-        if saved_at != self.step:
-            self.save(_mean(losses[-50:]))
-        self._summary(first, t_start, losses, skipped)
+        if loop.saved_at != self.step:
+            self._save(loop, loop.losses[-50:])
+        self._summary(loop)
         return self.run_dir
+
+    def _record(self, batch, res, loop: _Loop, bar) -> None:
+        """The step's loss and the images its batch had to skip."""
+        if res is not None:
+            loop.losses.append(res.loss)
+            bar.update(1, loss=f"{res.loss:.4f}", lr=f"{res.lr:.2e}")
+        else:
+            bar.update(1)
+        loop.skipped_images += len(batch.skipped)
+        if batch.skipped:
+            log.warning(f"skipped {len(batch.skipped)} unusable image(s) (total {loop.skipped_images}): "
+                        f"{', '.join(batch.skipped[:3])}")
+
+    def _log_row(self, batch, res, loop: _Loop, writer, stop: int) -> None:
+        """A metrics row every run.log_every steps, at the last step, and whenever the monitor measured."""
+        monitored = self.monitor.measure(self.model) if self.monitor.due(self.step) else {}
+        if res is None or not (self.step % self.cfg.run.log_every == 0 or self.step == stop or monitored):
+            return
+        now = time.time()
+        row = self._row(batch, res, (now - loop.t_last) / (self.step - loop.logged_at), loop.skipped_images)
+        if writer:
+            writer.write({**row, **monitored})
+        loop.t_last, loop.logged_at = now, self.step
+
+    def _save(self, loop: _Loop, recent_losses) -> None:
+        self.save(_mean(recent_losses))
+        loop.saved_at = self.step
+
+    def _stop_on_signal(self, received: str | None, loop: _Loop) -> None:
+        """A preemption notice on any process: checkpoint (once) and say how to continue."""
+        if loop.saved_at != self.step:
+            self._save(loop, loop.losses[-50:])
+        log.warning(f"{received or 'a stop signal on another process'}: checkpoint at step {self.step} written "
+                    f"({self.ckpt.latest}); exiting. Run the same command to resume.")
 
     def make_loader(self, stop: int):
         """The batches of steps self.step .. stop-1 of this process."""
         c = self.cfg
-        return build_loader(self.source, c.data, self.sampler, self.step, stop, c.run.seed, self.rank, self.world,
-                            self.device, self._workers(), log)
+        return build_loader(self.source, c.data, self.sampler, start=self.step, stop=stop, seed=c.run.seed,
+                            rank=self.rank, world=self.world, device=self.device, workers=self._workers(), log=log)
 
-    def _summary(self, first, t_start, losses, skipped):
+    def _summary(self, loop: _Loop):
         c = self.cfg
-        elapsed = time.time() - t_start
-        done = self.step - first
-        if losses:
+        elapsed = time.time() - loop.t_start
+        done = self.step - loop.first
+        if loop.losses:
             log.info(f"finished {done} steps in {elapsed:.1f}s ({done * self.global_batch / elapsed:.1f} images/s); "
-                     f"loss {losses[0]:.4f} -> {_mean(losses[-10:]):.4f} (mean of the last 10); skipped images: "
-                     f"{skipped}")
+                     f"loss {loop.losses[0]:.4f} -> {_mean(loop.losses[-10:]):.4f} (mean of the last 10); skipped "
+                     f"images: {loop.skipped_images}")
         if c.run.plot and self.rank == 0:
             png = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
             if png:
@@ -316,11 +352,24 @@ class Trainer:
         return row
 
 
+@dataclass
+class _Loop:
+    """The training loop's bookkeeping."""
+
+    first: int  # the step the loop started at
+    t_start: float
+    t_last: float  # when the last metrics row was written
+    logged_at: int  # the step of the last metrics row
+    losses: list = field(default_factory=list)
+    skipped_images: int = 0
+    saved_at: int = -1  # the step of the last checkpoint this loop wrote
+
+
 def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def train(cfg: Config, config_name: str = "run", source=None) -> Path:
+def train(cfg: Config, config_name: str = "run", *, source=None) -> Path:
     """Train as ``cfg`` says (on ``source`` if given) and return the run folder."""
     trainer = Trainer(cfg, config_name, source=source)
     try:

@@ -24,7 +24,7 @@ def build_source(data_cfg, seed: int = 0):
     return FolderImages(data_cfg.path)
 
 
-def build_loader(source, data_cfg, sampler, start: int, stop: int, seed: int, rank: int, world: int, device,
+def build_loader(source, data_cfg, sampler, *, start: int, stop: int, seed: int, rank: int, world: int, device,
                  workers: int, log):
     """The loader ``data.loader`` asks for: DALI (image folders; with a message and the Pillow
     loader when DALI is missing) or Pillow in worker processes."""
@@ -42,11 +42,11 @@ def build_loader(source, data_cfg, sampler, start: int, stop: int, seed: int, ra
         use = False
     if use:
         log.info(f"data loader: DALI {version}, decoding on the {'GPU' if device.type == 'cuda' else 'CPU'}")
-        return dali.DaliLoader(source, data_cfg, sampler, data_cfg.batch_size, start, stop, seed, rank, world,
-                               device, max(1, workers), transform)
+        return dali.DaliLoader(source, data_cfg, sampler, data_cfg.batch_size, start, stop, seed=seed, rank=rank,
+                               world=world, device=device, num_workers=max(1, workers), transform=transform)
     log.info(f"data loader: Pillow in {workers} worker process(es)")
-    return make_loader(source, transform, sampler, data_cfg.batch_size, start, stop, seed, rank, world, workers,
-                       data_cfg.pin_memory and device.type == "cuda")
+    return make_loader(source, transform, sampler, data_cfg.batch_size, start, stop, seed=seed, rank=rank, world=world,
+                       num_workers=workers, pin_memory=data_cfg.pin_memory and device.type == "cuda")
 
 
 def transform_from_config(data_cfg, seed: int = 0) -> TrainTransform:

@@ -103,7 +103,7 @@ class _Files:
 class DaliLoader:
     """Iterates ``Batch`` objects for steps start .. stop-1 (see the module docstring)."""
 
-    def __init__(self, source: FolderImages, data_cfg, sampler, batch_size: int, start: int, stop: int,
+    def __init__(self, source: FolderImages, data_cfg, sampler, batch_size: int, start: int, stop: int, *,
                  seed: int = 0, rank: int = 0, world: int = 1, device: torch.device | None = None,
                  num_workers: int = 4, transform=None):
         if not isinstance(source, FolderImages):

@@ -107,7 +107,7 @@ def _identity(x):
     return x
 
 
-def make_loader(source, transform, sampler, batch_size: int, start: int, stop: int, seed: int = 0,
+def make_loader(source, transform, sampler, batch_size: int, start: int, stop: int, *, seed: int = 0,
                 rank: int = 0, world: int = 1, num_workers: int = 0, pin_memory: bool = False):
     """A DataLoader over steps start .. stop-1, yielding one Batch per step, in order."""
     steps = StepBatches(len(source), batch_size, start, stop, seed, rank, world)
