@@ -4,6 +4,7 @@
 test builds one from the checkout.
 """
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -32,9 +33,13 @@ def wheel(tmp_path_factory) -> Path:
     if given:
         return Path(given)
     out = tmp_path_factory.mktemp("wheel")
+    # build from a copy: setuptools leaves build/ behind, whose stale files a later build would ship
+    src = out / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "runs",
+                                                              "__pycache__", ".bench_ref", ".pytest_cache"))
     for isolation in (["--no-build-isolation"], []):  # the venv's setuptools, else a fresh build environment
         p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(out),
-                            str(ROOT)], capture_output=True, text=True, timeout=600)
+                            str(src)], capture_output=True, text=True, timeout=600)
         if p.returncode == 0:
             break
     assert p.returncode == 0, p.stderr[-3000:]
