@@ -50,13 +50,16 @@ struct Size {
   int64_t h, w;
 };
 
-Size block_size(double r, double s0, double s1, double a0, double a1, int64_t gh, int64_t gw) {
+// reference: sides clamped below the grid (its exclusive corner bound needs a spare row and column);
+// default: up to the whole grid
+Size block_size(double r, double s0, double s1, double a0, double a1, int64_t gh, int64_t gw, bool reference) {
   double s = s0 + r * (s1 - s0);
   auto n = static_cast<int64_t>(static_cast<double>(gh * gw) * s);
   double a = a0 + r * (a1 - a0);
   auto h = static_cast<int64_t>(std::nearbyint(std::sqrt(static_cast<double>(n) * a)));
   auto w = static_cast<int64_t>(std::nearbyint(std::sqrt(static_cast<double>(n) / a)));
-  return {std::min(h, gh - 1), std::min(w, gw - 1)};
+  const int64_t spare = reference ? 1 : 0;
+  return {std::min(h, gh - spare), std::min(w, gw - spare)};
 }
 
 struct Config {
@@ -127,8 +130,8 @@ std::vector<torch::Tensor> sample(int64_t seed, int64_t step, int64_t rank, int6
   Config c{gh, gw, reference, num_targets, num_context, min_keep, target_scale[0], target_scale[1],
            target_aspect[0], target_aspect[1], context_scale[0], context_scale[1], allow_overlap};
   Stream sizes{derive(static_cast<uint64_t>(seed), {static_cast<uint64_t>(step), kBatchWord})};
-  Size t = block_size(sizes.uniform(), c.ts0, c.ts1, c.ta0, c.ta1, gh, gw);
-  Size cb = block_size(sizes.uniform(), c.cs0, c.cs1, 1.0, 1.0, gh, gw);
+  Size t = block_size(sizes.uniform(), c.ts0, c.ts1, c.ta0, c.ta1, gh, gw, reference);
+  Size cb = block_size(sizes.uniform(), c.cs0, c.cs1, 1.0, 1.0, gh, gw, reference);
   TORCH_CHECK(t.h * t.w > min_keep, "mask.min_keep=", min_keep, ": target blocks of ", t.h, "x", t.w,
               " patches never keep more; lower mask.min_keep or raise mask.target_scale");
   TORCH_CHECK(cb.h * cb.w > min_keep, "mask.min_keep=", min_keep, ": context blocks of ", cb.h, "x", cb.w,

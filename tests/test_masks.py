@@ -51,6 +51,23 @@ def test_sampler_block_size_reference_rule():
     assert block_size(1.0, (0.15, 0.2), (0.75, 1.5), (16, 16)) == (9, 6)
     # the context block (scale 1, aspect 1) is reduced until smaller than the grid
     assert block_size(1.0, (0.85, 1.0), (1.0, 1.0), (16, 16)) == (15, 15)
+    # default mode: a block may span the whole grid
+    assert block_size(1.0, (0.85, 1.0), (1.0, 1.0), (16, 16), "default") == (16, 16)
+    assert block_size(0.0, (0.15, 0.2), (0.75, 1.5), (16, 16), "default") == (5, 7)
+
+
+def test_sampler_default_context_blocks_cover_the_documented_range():
+    """mask.mode=default: context blocks of 85-100 % of the image (224 px / patch 14: 15 x 15 or the
+    whole 16 x 16 grid); reference mode never exceeds 15 x 15, as the released sampler."""
+    sizes = {mode: {MultiBlockSampler((16, 16), cfg(mode=mode), seed=4).block_sizes(s)[1] for s in range(300)}
+             for mode in ("default", "reference")}
+    assert sizes["default"] == {(15, 15), (16, 16)}
+    assert sizes["reference"] == {(15, 15)}
+    sampler = MultiBlockSampler((16, 16), cfg(), seed=4)
+    step = next(s for s in range(300) if sampler.block_sizes(s)[1] == (16, 16))
+    mb = sampler.sample(8, step)
+    for tgt_sets, (ctx,) in zip(rows_of(mb.targets), rows_of(mb.context, mb.context_lens)):
+        assert ctx == set(range(256)) - set().union(*tgt_sets)  # the whole image but the targets
 
 
 @pytest.mark.parametrize("mode", ["reference", "default"])

@@ -105,15 +105,20 @@ def _valid(idx, lens):
     return torch.arange(idx.shape[-1], device=idx.device) < lens.unsqueeze(-1)
 
 
-def block_size(r: float, scale, aspect, grid) -> tuple[int, int]:
-    """Block (height, width) in patches from one uniform number r, as the reference sizes blocks."""
+def block_size(r: float, scale, aspect, grid, mode: str = "reference") -> tuple[int, int]:
+    """Block (height, width) in patches from one uniform number r, as the reference sizes blocks.
+
+    ``reference`` clamps each side below the grid's (its exclusive corner bound needs a spare row
+    and column, so a 224 px / patch 14 context block is never more than 15 x 15 = 87.9 % of the
+    image); ``default`` lets a block span the whole grid (context blocks then cover 85-100 %)."""
     gh, gw = grid
     s = scale[0] + r * (scale[1] - scale[0])
     n = int((gh * gw) * s)
     a = aspect[0] + r * (aspect[1] - aspect[0])
     h = int(round(math.sqrt(n * a)))  # Python rounds half to even; the C++ sampler does too
     w = int(round(math.sqrt(n / a)))
-    return min(h, gh - 1), min(w, gw - 1)
+    spare = 1 if mode == "reference" else 0
+    return min(h, gh - spare), min(w, gw - spare)
 
 
 class MultiBlockSampler:
@@ -171,8 +176,8 @@ class MultiBlockSampler:
         """(target block size, context block size) of a step."""
         st = Stream(derive(self.seed, step, MASK64))
         c = self.cfg
-        tgt = block_size(st.uniform(), c.target_scale, c.target_aspect, self.grid)
-        ctx = block_size(st.uniform(), c.context_scale, (1.0, 1.0), self.grid)
+        tgt = block_size(st.uniform(), c.target_scale, c.target_aspect, self.grid, c.mode)
+        ctx = block_size(st.uniform(), c.context_scale, (1.0, 1.0), self.grid, c.mode)
         return tgt, ctx
 
     def sample(self, batch_size: int, step: int) -> MaskBatch:
@@ -218,8 +223,11 @@ class MultiBlockSampler:
         at start-up, over a fine sweep of the uniform draw (the sizes are piecewise constant in it)."""
         c = self.cfg
         sweep = [i / 1000 for i in range(1001)]
-        tgt = min((block_size(r, c.target_scale, c.target_aspect, self.grid) for r in sweep), key=lambda s: s[0] * s[1])
-        ctx = min((block_size(r, c.context_scale, (1.0, 1.0), self.grid) for r in sweep), key=lambda s: s[0] * s[1])
+        def area(size):
+            return size[0] * size[1]
+
+        tgt = min((block_size(r, c.target_scale, c.target_aspect, self.grid, c.mode) for r in sweep), key=area)
+        ctx = min((block_size(r, c.context_scale, (1.0, 1.0), self.grid, c.mode) for r in sweep), key=area)
         try:
             self._check_sizes(*tgt, *ctx)
         except ValueError as e:
