@@ -148,11 +148,12 @@ class IJEPA(nn.Module):
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor, masks, repeat: bool = True) -> torch.Tensor:
-        """layer_norm(target_encoder(images)) at every target block: [K * M * B, Lt, D] (with
-        ``repeat=False``, [K * B, Lt, D]: one copy for the M context blocks)."""
+        """layer_norm(target_encoder(images)) at every target block, in fp32 whatever the encoder
+        ran in: [K * M * B, Lt, D] (with ``repeat=False``, [K * B, Lt, D]: one copy for the M
+        context blocks)."""
         h = self.target_encoder(images)
         k, m, b, lt = self._dims(masks)
-        h = gather_layernorm(h, masks.targets.reshape(k * b, lt), backend=self.kernels)
+        h = gather_layernorm(h, masks.targets.reshape(k * b, lt), out_dtype=torch.float32, backend=self.kernels)
         return self._repeat(h, k, m) if repeat else h
 
     @staticmethod

@@ -6,7 +6,8 @@
 ``bf16_weights``: the optimiser, the EMA and the checkpoints keep working on the fp32 model (the
 master weights); forward and backward run on a bf16 copy without autocast, so no weight or
 activation is cast on the way (the residual stream, layer-norm outputs and attention are bf16;
-statistics inside the fused kernels and the loss stay fp32). After each backward the bf16
+statistics inside the fused kernels and the loss stay fp32, as do the frozen sin-cos tables,
+added in fp32 and rounded once, and the regression targets; see docs/numerics.md). After each backward the bf16
 gradients are copied into fp32 master gradients; after each optimiser step the masters are
 copied back into the bf16 copy (one multi-tensor copy each way).
 
@@ -33,6 +34,9 @@ class MasterWeights:
         self.master = master
         self.dtype = dtype
         self.compute = copy.deepcopy(master).to(dtype)
+        for (name, param), source in zip(self.compute.named_parameters(), master.parameters()):
+            if name.endswith("pos_embed"):  # the frozen sin-cos tables stay fp32, exact
+                param.data = source.detach().clone()
         self.compute.configure_kernels(master.kernels, master.encoder.deterministic)
         self.compute.configure_layout(master.layout, _varlen_impl(master))
         self._train = [(m, c) for part in ("encoder", "predictor")

@@ -2,7 +2,9 @@
 
 h [B, N, D] is the target encoder's output; idx [R, L] selects rows (row r reads image r % B),
 so K target blocks of a batch of B images form R = K * B rows. The layer norm has no affine
-parameters (the I-JEPA targets use ``F.layer_norm(h, (D,))``); statistics are fp32.
+parameters (the I-JEPA targets use ``F.layer_norm(h, (D,))``); statistics are fp32, and the
+output is stored in ``out_dtype`` (default h's dtype; the engine asks for fp32 targets whatever
+the encoder ran in, as the reference's targets are under autocast).
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ except ImportError:
     triton = None
 
 
-def gather_layernorm_reference(h: torch.Tensor, idx: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Plain torch: normalise every row, then select. [B, N, D], [R, L] -> [R, L, D]."""
+def gather_layernorm_reference(h: torch.Tensor, idx: torch.Tensor, eps: float = 1e-5,
+                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain torch: normalise every row in fp32, then select. [B, N, D], [R, L] -> [R, L, D]."""
     rows = torch.arange(idx.shape[0], device=idx.device)[:, None] % h.shape[0]
-    return F.layer_norm(h, (h.shape[-1],), eps=eps)[rows, idx.long()]
+    return F.layer_norm(h.float(), (h.shape[-1],), eps=eps)[rows, idx.long()].to(out_dtype or h.dtype)
 
 
 if triton is not None:
@@ -45,9 +48,9 @@ if triton is not None:
         tl.store(Out_ptr + t[:, None] * D + d[None, :], y.to(Out_ptr.dtype.element_ty), mask=m2)
 
 
-def gather_layernorm_triton(h, idx, eps=1e-5):
+def gather_layernorm_triton(h, idx, eps=1e-5, out_dtype=None):
     b, _, d = h.shape
-    out = torch.empty(tuple(idx.shape) + (d,), device=h.device, dtype=h.dtype)
+    out = torch.empty(tuple(idx.shape) + (d,), device=h.device, dtype=out_dtype or h.dtype)
     t = idx.numel()
     if t == 0:
         return out
@@ -61,20 +64,22 @@ def gather_layernorm_triton(h, idx, eps=1e-5):
 
 
 @torch.library.custom_op("ijepa_fast::gather_layernorm", mutates_args=())
-def _gather_ln_op(h: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
-    return gather_layernorm_triton(h, idx, eps)
+def _gather_ln_op(h: torch.Tensor, idx: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    return gather_layernorm_triton(h, idx, eps, out_dtype)
 
 
 @_gather_ln_op.register_fake
-def _(h, idx, eps):
-    return h.new_empty(tuple(idx.shape) + (h.shape[-1],))
+def _(h, idx, eps, out_dtype):
+    return h.new_empty(tuple(idx.shape) + (h.shape[-1],), dtype=out_dtype)
 
 
-def gather_layernorm(h: torch.Tensor, idx: torch.Tensor, eps: float = 1e-5, *, backend: str = "auto") -> torch.Tensor:
-    """[B, N, D], [R, L] -> [R, L, D]: layer_norm(h[r % B, idx[r, j]]) without affine. No gradient."""
+def gather_layernorm(h: torch.Tensor, idx: torch.Tensor, eps: float = 1e-5, *, out_dtype: torch.dtype | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """[B, N, D], [R, L] -> [R, L, D]: layer_norm(h[r % B, idx[r, j]]) without affine, stored in
+    ``out_dtype`` (default h's dtype). No gradient."""
     if idx.dim() != 2:
         raise ValueError(f"gather_layernorm: idx must be [R, L], got {tuple(idx.shape)}")
     with torch.no_grad():
         if not use_triton(backend, h, idx):
-            return gather_layernorm_reference(h, idx, eps)
-        return _gather_ln_op(h.detach(), idx.contiguous(), float(eps))
+            return gather_layernorm_reference(h, idx, eps, out_dtype)
+        return _gather_ln_op(h.detach(), idx.contiguous(), float(eps), out_dtype or h.dtype)

@@ -21,6 +21,11 @@ def _batch(model, seed=1, step=3):
     return torch.randn(4, 3, 32, 32), masks
 
 
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b||: a relative error that a wrong scale cannot hide (a cosine would)."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
 def _grads(model, images, masks):
     params = [p for p in model.parameters() if p.requires_grad]
     loss = model.loss(images, masks)
@@ -46,18 +51,25 @@ def test_perf_master_weights_gradients_and_step():
     images, masks = _batch(model)
     ref = _model()  # the same fp32 model, for comparison
     mw = MasterWeights(model)
-    assert all(p.dtype == torch.bfloat16 for p in mw.compute.parameters())
+    for name, p in mw.compute.named_parameters():  # bf16 weights; the frozen sin-cos tables stay exact
+        assert p.dtype == (torch.float32 if name.endswith("pos_embed") else torch.bfloat16), name
+    assert torch.equal(mw.compute.encoder.pos_embed, model.encoder.pos_embed)
     # gradients: bf16 forward/backward, copied into fp32 master gradients, agree with fp32 ones
     mw.compute.loss(images.bfloat16(), masks).backward()
     mw.sync_grads()
     ref.loss(images, masks).backward()
     assert all(p.grad is None for p in mw.compute.parameters())
+    ours, want = [], []
     for (name, m), r in zip(model.named_parameters(), ref.parameters()):
-        if r.grad is None or r.grad.norm() < 1e-6:
+        if r.grad is None:
             continue
         assert m.grad.dtype == torch.float32
-        cos = torch.nn.functional.cosine_similarity(m.grad.flatten(), r.grad.flatten(), dim=0)
-        assert cos > 0.98, f"{name}: cosine {cos:.4f}"
+        # measured 0.3-13 % per tensor (the largest on the predictor's layer-norm biases, small
+        # gradients summed in bf16); a wrong scale or a missing term is far outside
+        assert rel_err(m.grad, r.grad) < 0.2, f"{name}: relative error {rel_err(m.grad, r.grad):.3f}"
+        ours.append(m.grad.flatten())
+        want.append(r.grad.flatten())
+    assert rel_err(torch.cat(ours), torch.cat(want)) < 0.01  # measured 0.42 % (bf16 autocast: 0.21 %)
     model.zero_grad(set_to_none=True)
     # a whole step: the optimiser and the EMA act on the fp32 masters, the compute copy follows
     sched = Schedules(steps_per_epoch=10, epochs=1, warmup=0.2)
@@ -66,7 +78,7 @@ def test_perf_master_weights_gradients_and_step():
     train_step(model, opt, images, masks, 0, sched, precision="fp32", master=mw)
     m = sched.momentum_at(0)
     for (name, p), c in zip(model.named_parameters(), mw.compute.parameters()):
-        assert p.dtype == torch.float32 and torch.equal(c, p.to(torch.bfloat16)), name
+        assert p.dtype == torch.float32 and torch.equal(c, p.to(c.dtype)), name
         if name.startswith("encoder.blocks"):
             assert not torch.equal(p, before[name]), f"{name} was not updated"
         if name.startswith("target_encoder.") and p.ndim > 1:
@@ -103,3 +115,23 @@ def test_perf_trainer_runs_and_checkpoints_fp32_masters(tmp_path):
     args[args.index("3")] = "5"
     p = run_cli(*args)  # resumes: the bf16 copy starts from the loaded masters
     assert "at step 3" in p.stderr
+
+
+def test_perf_lean_step_keeps_targets_and_positional_rows_fp32():
+    """bf16 weights: the sin-cos rows are added in fp32 and the sum rounded once to bf16 (not a bf16
+    table added in bf16), and the regression targets are fp32, as under the reference's autocast."""
+    model = _model()
+    images, masks = _batch(model)
+    mw = MasterWeights(model)
+    enc = mw.compute.encoder
+    seen = []
+    enc.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    x = images.bfloat16()
+    enc(x)
+    want = (enc.patch_embed(x).float() + model.encoder.pos_embed).to(torch.bfloat16)
+    assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], want)
+    twice_rounded = enc.patch_embed(x) + model.encoder.pos_embed.to(torch.bfloat16)
+    assert not torch.equal(twice_rounded, want)  # the check can tell the two apart
+    targets = mw.compute.targets(x, masks)
+    assert targets.dtype == torch.float32
+    assert rel_err(targets, model.targets(images, masks)) < 0.02  # measured 0.5 %: the bf16 encoder's rounding

@@ -37,6 +37,11 @@ class VisionTransformerPredictor(nn.Module):
         self.apply(lambda m: trunc_normal_init(m, init_std))
         rescale_residual_projections(self.predictor_blocks)
 
+    @property
+    def stream_dtype(self) -> torch.dtype:
+        """The weights' dtype: fp32 on the plain path, bf16 on the lean step's compute copy."""
+        return self.predictor_norm.weight.dtype
+
     def forward(self, z: torch.Tensor, context: torch.Tensor, targets: torch.Tensor,
                 context_lens: torch.Tensor | None = None, target_lens: torch.Tensor | None = None,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -51,6 +56,7 @@ class VisionTransformerPredictor(nn.Module):
         pos = interpolate_pos_embed(self.predictor_pos_embed, self.grid, grid or self.grid)[0].detach()
         x = predictor_tokens(self.predictor_embed(z), context.reshape(m * b, lc), targets.reshape(k * b, lt),
                              self.mask_token, pos, k, backend=self.kernels)  # [K * M * B, Lc + Lt, Dp]
+        x = x.to(self.stream_dtype)  # the fp32 sin-cos rows were added in fp32: one rounding (lean step)
         key_valid = self._key_valid(context_lens, target_lens, k, m, b, lc, lt)
         for blk in self.predictor_blocks:
             x = blk(x, key_valid)
@@ -68,6 +74,7 @@ class VisionTransformerPredictor(nn.Module):
         x, _ = predictor_tokens_packed(self.predictor_embed(z), packed.ctx_idx, packed.ctx_meta.cu_seqlens,
                                        packed.targets.reshape(k * packed.batch_size, -1), self.mask_token, pos, k,
                                        backend=self.kernels, packed_plan=p)
+        x = x.to(self.stream_dtype)
         meta = VarlenMeta(p.cu_seqlens, p.max_seqlen)
         for blk in self.predictor_blocks:
             x = blk(x, None, meta)

@@ -71,6 +71,13 @@ class VisionTransformer(nn.Module):
         self.apply(lambda m: trunc_normal_init(m, init_std))
         rescale_residual_projections(self.blocks)
 
+    @property
+    def stream_dtype(self) -> torch.dtype:
+        """The residual stream's dtype: the weights' (fp32 on the plain path, where autocast keeps the
+        stream fp32 as the reference does; bf16 on the lean step's compute copy). The positional
+        rows are added in fp32 (the sin-cos table stays fp32) and the sum rounded once to it."""
+        return self.norm.weight.dtype
+
     def pos_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Positional table [1, gh * gw, D] for an input grid (interpolated off the native grid)."""
         return interpolate_pos_embed(self.pos_embed, self.grid, grid)
@@ -86,15 +93,15 @@ class VisionTransformer(nn.Module):
         """
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.patch_embed(x)
-        pos = self.pos_for(grid).to(x.dtype)
+        pos = self.pos_for(grid).detach()
         key_valid = None
         if context is None:
-            tokens = tokens + pos
+            tokens = (tokens + pos).to(self.stream_dtype)
         else:  # select the context tokens and add their positional rows in one pass
             m, b, length = context.shape
             lens = None if context_lens is None else context_lens.reshape(m * b)
-            tokens = gather_tokens_op(tokens, context.reshape(m * b, length), pos[0].detach(), lens,
-                                      deterministic=self.deterministic, backend=self.kernels)
+            tokens = gather_tokens_op(tokens, context.reshape(m * b, length), pos[0], lens,
+                                      deterministic=self.deterministic, backend=self.kernels).to(self.stream_dtype)
             key_valid = None if lens is None else key_mask_from_lengths(lens, length)
         for blk in self.blocks:
             tokens = blk(tokens, key_valid)
@@ -104,9 +111,9 @@ class VisionTransformer(nn.Module):
         """Encode packed context sequences: ctx_idx [T] patch indices of the sequences that
         ``meta`` (a VarlenMeta, sequence s reading image s % B) delimits -> [T, D]; no padding."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        pos = self.pos_for(grid).to(x.dtype)[0].detach()
+        pos = self.pos_for(grid)[0].detach()
         tokens = gather_tokens_packed(self.patch_embed(x), ctx_idx, meta.cu_seqlens, pos,
-                                      deterministic=self.deterministic, backend=self.kernels)
+                                      deterministic=self.deterministic, backend=self.kernels).to(self.stream_dtype)
         for blk in self.blocks:
             tokens = blk(tokens, None, meta)
         return self.norm(tokens)
