@@ -11,7 +11,10 @@ Strategies (``dist.strategy``):
 
 - ``ddp``: DistributedDataParallel over the whole I-JEPA module; only the encoder and predictor
   have gradients (the target encoder is updated by the EMA, identically on every rank);
-  ``static_graph`` when no gradient accumulation is used.
+  ``static_graph`` when no gradient accumulation is used. With ``perf.bf16_weights`` the
+  gradients are reduced in fp32 instead: each micro-batch's bf16 gradients are added into the fp32
+  master gradients, which ``all_reduce_grads`` averages once per step (as the reference reduces
+  fp32 gradients; DDP over the bf16 compute copy would average in bf16).
 - ``fsdp``: FSDP2 ``fully_shard`` on every transformer block and on the root, for the encoder,
   the predictor and the target encoder alike, so their shards line up and the EMA runs shard by
   shard on local tensors; bf16 parameters and fp32 gradient reduction on GPUs.
@@ -109,6 +112,39 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_grads(params, bucket_bytes: int = 64 << 20) -> None:
+    """Average the gradients of ``params`` over every process, in their own dtype (fp32 master
+    gradients under ``perf.bf16_weights``), one all-reduce per bucket of about ``bucket_bytes``. A
+    parameter without a gradient counts as zero, so every process reduces the same buckets."""
+    if not active():
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    world = dist.get_world_size()
+    bucket, size = [], 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= bucket_bytes or i == len(grads) - 1:
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            torch._foreach_copy_(bucket, torch._utils._unflatten_dense_tensors(flat, bucket))
+            bucket, size = [], 0
+
+
+def broadcast_params(module: torch.nn.Module, src: int = 0) -> None:
+    """Every process takes rank ``src``'s parameters and buffers (what DDP does when it wraps)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
 
 
 def wrap(model, strategy: str, device: torch.device, static_graph: bool = True):

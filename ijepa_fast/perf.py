@@ -44,19 +44,26 @@ class MasterWeights:
                        if m.requires_grad]
         self._all = list(zip(master.parameters(), self.compute.parameters()))
 
-    def sync_grads(self) -> None:
-        """fp32 master gradients from the compute copy's bf16 gradients (which are then cleared)."""
-        masters, computes = [], []
+    def sync_grads(self, accumulate: bool = False) -> None:
+        """fp32 master gradients from the compute copy's bf16 gradients (which are then cleared);
+        ``accumulate`` adds them to the masters' gradients instead (micro-batches sum in fp32)."""
+        copy_to, copy_from, add_to, add_from = [], [], [], []
         for m, c in self._train:
             if c.grad is None:
-                m.grad = None
+                if not accumulate:
+                    m.grad = None
                 continue
-            if m.grad is None:
+            if accumulate and m.grad is not None:
+                add_to.append(m.grad)
+                add_from.append(c.grad)
+            else:
                 m.grad = torch.empty_like(m)
-            masters.append(m.grad)
-            computes.append(c.grad)
-        if masters:
-            torch._foreach_copy_(masters, computes)
+                copy_to.append(m.grad)
+                copy_from.append(c.grad)
+        if copy_to:
+            torch._foreach_copy_(copy_to, copy_from)
+        if add_to:
+            torch._foreach_add_(add_to, add_from)  # fp32 += bf16, in fp32
         for _, c in self._train:
             c.grad = None
 

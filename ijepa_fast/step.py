@@ -85,23 +85,27 @@ def micro_batches(images: torch.Tensor, masks, n: int):
 @keyword_only(6, ("precision", "grad_clip", "master", "forward", "accum_steps", "agree"))
 def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Tensor, masks: MaskBatch | PackedMasks,
                step: int, schedules, *, precision: str = "auto", grad_clip: float | None = None,
-               master=None, forward=None, accum_steps: int = 1, agree=None) -> StepResult:
+               master=None, forward=None, accum_steps: int = 1, agree=None, grad_reduce=None) -> StepResult:
     """One step: set LR/WD, forward, backward, (clip), AdamW, EMA update of the target encoder.
 
     ``master``: a ``perf.MasterWeights`` whose fp32 ``master`` is ``model`` (the optimiser's): the
-    forward and backward then run on its bf16 compute copy without autocast. ``forward``: the
-    module to call for the loss (a DDP / FSDP wrapper; default the model itself).
-    ``accum_steps``: the batch runs as that many micro-batches whose gradients add up (the
-    data-parallel reduction happens on the last). ``agree(flag)``: makes every process reach the
-    same verdict on a finite loss (the distributed trainer passes an all-reduce).
+    forward and backward then run on its bf16 compute copy without autocast, and each
+    micro-batch's gradients are added into fp32 master gradients. ``forward``: the module to call
+    for the loss (a DDP / FSDP wrapper; default the model itself). ``accum_steps``: the batch runs
+    as that many micro-batches whose gradients add up (a DDP wrapper reduces on the last).
+    ``grad_reduce(params)``: averages the fp32 gradients over processes after the last micro-batch
+    (the distributed trainer's data parallelism for bf16 compute weights). ``agree(flag)``: makes
+    every process reach the same verdict on finiteness (the distributed trainer passes an
+    all-reduce).
 
-    Raises FloatingPointError, before the optimiser or the target encoder is touched, when the
-    loss is not finite.
+    Raises FloatingPointError, before the optimiser or the target encoder is touched (gradients
+    cleared), when the loss or any gradient is not finite. One host synchronisation per step reads
+    the loss and the gradient norm together.
     """
     lr, wd = schedules.apply(optimizer, step)
     runner = forward or (master.compute if master is not None else model)
     parts = micro_batches(images, masks, accum_steps)
-    value = 0.0
+    losses = []
     for i, (x, m) in enumerate(parts):
         last = i == len(parts) - 1
         sync = runner.no_sync() if not last and hasattr(runner, "no_sync") else contextlib.nullcontext()
@@ -113,23 +117,24 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
                 with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss = runner(x, m)
             loss = loss / len(parts)
-            part = float(loss.detach())
-            finite = math.isfinite(part)
-            if agree is not None:
-                finite = agree(finite)
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
-                runner.zero_grad(set_to_none=True)
-                where = f"loss is {part}" if not math.isfinite(part) else "the loss is not finite on another process"
-                raise FloatingPointError(f"{where} at step {step}")
             loss.backward()
-        value += part
-    if master is not None:
-        master.sync_grads()
-    grad_norm = None
+        losses.append(loss.detach().float())
+        if master is not None:
+            master.sync_grads(accumulate=i > 0)  # micro-batches add up in fp32, never in bf16
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if grad_reduce is not None:
+        grad_reduce(params)
+    value, norm, sharded = _loss_and_grad_norm(losses, params)
+    finite = math.isfinite(value) and math.isfinite(norm)
+    if agree is not None:
+        finite = agree(finite)
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        runner.zero_grad(set_to_none=True)
+        raise FloatingPointError(_nonfinite_message(value, norm, step))
+    grad_norm = None if sharded else norm  # of sharded gradients, only clipping computes the global norm
     if grad_clip:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     momentum = schedules.momentum_at(step)
@@ -137,3 +142,25 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
     if master is not None:
         master.sync_params()
     return StepResult(value, lr, wd, momentum, grad_norm)
+
+
+def _loss_and_grad_norm(losses: list[torch.Tensor], params) -> tuple[float, float, bool]:
+    """(the summed loss, the gradients' L2 norm, whether the gradients are sharded), read in one
+    host synchronisation. Sharded (FSDP) gradients are measured on this process's shards: enough
+    to tell finite from not, but not their global norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = any(hasattr(g, "to_local") for g in grads)
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    device = losses[0].device
+    norm = (torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in torch._foreach_norm(local)]))
+            if local else torch.zeros((), device=device))
+    value, norm = torch.stack([torch.stack(losses).sum(), norm]).tolist()
+    return value, norm, sharded
+
+
+def _nonfinite_message(value: float, norm: float, step: int) -> str:
+    if not math.isfinite(value):
+        return f"loss is {value} at step {step}"
+    if not math.isfinite(norm):
+        return f"a gradient is not finite at step {step} (loss {value:.6g}, gradient norm {norm})"
+    return f"the loss or a gradient is not finite on another process at step {step}"

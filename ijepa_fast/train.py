@@ -145,7 +145,14 @@ class Trainer:
         self.strategy = strategy if self.world > 1 else "none"
         self._describe()
         self.run_model, self.master = perf.apply(self.model, c.perf, self.device)
-        self.forward = distributed.wrap(self.run_model, self.strategy, self.device, c.optim.accum_steps == 1)
+        self.grad_reduce = None
+        if self.master is not None and self.strategy == "ddp":  # fp32 gradients reduced in fp32 (see distributed)
+            distributed.broadcast_params(self.model)
+            self.forward, self.grad_reduce = self.run_model, distributed.all_reduce_grads
+            log.info("data parallel: the fp32 master gradients are averaged in fp32 (one all-reduce per 64 MB "
+                     "bucket, after the last micro-batch)")
+        else:
+            self.forward = distributed.wrap(self.run_model, self.strategy, self.device, c.optim.accum_steps == 1)
         self.optimizer = make_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                         impl=perf.optimizer_impl(c.perf, self.device))
 
@@ -323,7 +330,8 @@ class Trainer:
         try:
             res = train_step(self.model, self.optimizer, images, masks, batch.step, self.schedules,
                              precision=self.cfg.run.precision, grad_clip=self.cfg.optim.grad_clip, master=self.master,
-                             forward=self.forward, accum_steps=self.cfg.optim.accum_steps, agree=agree)
+                             forward=self.forward, accum_steps=self.cfg.optim.accum_steps, agree=agree,
+                             grad_reduce=self.grad_reduce)
             self._skips = 0
             return res
         except FloatingPointError as e:
