@@ -6,15 +6,16 @@ Per-step communication per process, for every published model size, counted from
 counts (ring algorithms: an all-reduce moves 2 (n-1)/n of the data, an all-gather or a
 reduce-scatter (n-1)/n):
 
-- DDP: one all-reduce of the encoder's and predictor's gradients (fp32, or bf16 with
-  perf.bf16_weights);
+- DDP: one all-reduce of the encoder's and predictor's fp32 gradients (with perf.bf16_weights
+  too: the fp32 master gradients are averaged in fp32; the bf16 column is what averaging the bf16
+  compute copy's gradients would send, at bf16 precision);
 - FSDP: all-gathers of the target encoder, encoder and predictor parameters (bf16) for the
   forward pass, again for the encoder and predictor in the backward pass, and a reduce-scatter of
   their gradients (fp32).
 
 ``--measure`` times the training step of a small model with ``--nproc`` processes (gloo on the
 CPU, NCCL on GPUs) for each strategy, against one process with the same per-process batch and
-threads.
+threads; ``--bf16`` adds DDP with ``perf.bf16_weights`` (against one bf16-weights process).
 One JSON object per line.
 """
 from __future__ import annotations
@@ -107,6 +108,7 @@ def main():
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--bf16", action="store_true", help="also measure DDP with perf.bf16_weights=true")
     p.add_argument("--out")
     p.add_argument("--md")
     args = p.parse_args()
@@ -119,10 +121,16 @@ def main():
     measured = []
     if args.measure:
         threads = max(1, (os.cpu_count() or 2) // args.nproc)  # the same cores per process in every run
-        base = measure("none", 1, args.device, args.steps, [], threads)
-        for strategy in ("ddp", "fsdp"):
-            t = measure(strategy, args.nproc, args.device, args.steps, [], threads)
-            measured.append({"bench": "dp_overhead", "strategy": strategy, "nproc": args.nproc, "device": args.device,
+        runs = [("ddp", []), ("fsdp", [])] + ([("ddp", ["perf.bf16_weights=true"])] if args.bf16 else [])
+        bases = {}
+        for strategy, extra in runs:
+            key = tuple(extra)
+            if key not in bases:
+                bases[key] = measure("none", 1, args.device, args.steps, extra, threads)
+            base = bases[key]
+            t = measure(strategy, args.nproc, args.device, args.steps, extra, threads)
+            name = strategy + (" + bf16 weights" if extra else "")
+            measured.append({"bench": "dp_overhead", "strategy": name, "nproc": args.nproc, "device": args.device,
                              "step_s_one_process": round(base, 4), "step_s": round(t, 4),
                              "threads_per_process": threads, "overhead": round(t / base - 1, 3), **env})
             emit(measured[-1], args.out)

@@ -74,6 +74,10 @@ def test_data_unusable_files_are_skipped_and_counted(tmp_path):
     loader = make_loader(src, TrainTransform(size=16), sampler, batch_size=12, start=0, stop=1)
     (batch,) = list(loader)
     assert batch.images.shape == (12, 3, 16, 16) and torch.isfinite(batch.images).all()
+    grey = batch.images[[src.name(i).endswith("grey.png") for i in batch.indices].index(True)]
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    want = ((128 / 255 - mean) / std).view(3, 1, 1).expand(3, 16, 16)  # a grey image stays grey, any crop
+    torch.testing.assert_close(grey, want, rtol=0, atol=1e-5)
     assert sorted(n.rsplit("/", 1)[-1] for n in batch.skipped) == ["broken.jpg", "truncated.jpg"]
 
 

@@ -76,6 +76,9 @@ def test_data_dali_corrupt_files_are_skipped_and_counted(tmp_path):
     skipped = sorted(n.rsplit("/", 1)[-1] for b in batches for n in b.skipped)
     assert skipped == sorted(["900_junk.jpg", "901_trunc.jpg", "902_empty.png"] * 2)
     assert all(torch.isfinite(b.images).all() for b in batches)
+    lo, hi = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225  # normalised pixels of any image
+    assert all(lo - 1e-3 <= float(b.images.min()) and float(b.images.max()) <= hi + 1e-3 for b in batches)
+    assert all(float(b.images.std()) > 0.05 for b in batches)  # real pixels, not a constant fill
 
 
 def test_data_dali_sharding_covers_each_image_once_per_epoch(tmp_path):

@@ -38,6 +38,8 @@ def test_eval_interpolation_exact_at_native_grid_and_other_resolutions_run():
     big = torch.nn.functional.interpolate(gold["images"], scale_factor=2, mode="bilinear")
     pooled, tokens = encode(enc, big, tokens=True)
     assert tokens.shape == (4, 256, 64) and torch.isfinite(pooled).all()
+    torch.testing.assert_close(pooled, tokens.mean(1))  # average-pooled patch tokens
+    assert not torch.allclose(pooled, encode(enc, gold["images"])[0])  # another resolution, other features
 
 
 def clusters(n_per_class, classes=4, dim=32, seed=0, tokens=0):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MaskBatch, MultiBlockSampler
 from ijepa_fast.model import IJEPA, jepa_loss
+from ijepa_fast.models.pos_embed import interpolate_pos_embed
 from ijepa_fast.schedules import Schedules
 from ijepa_fast.step import make_optimizer, param_groups, train_step
 
@@ -141,9 +142,19 @@ def test_step_bf16_autocast_keeps_fp32_targets_and_loss():
 def test_step_other_resolution_uses_the_predictor_table_of_that_grid():
     model = small_model(attn="math")  # native 8x8 grid
     masks = MultiBlockSampler((12, 12), MaskConfig(min_keep=4))(2)
-    loss = model.loss(torch.randn(2, 3, 48, 48), masks)
-    assert torch.isfinite(loss)
+    images = torch.randn(2, 3, 48, 48)
+    loss = model.loss(images, masks)
     assert int(masks.targets.max()) >= 64  # indices only the 12x12 table has
+    # the same weights with both tables interpolated to 12x12 by hand, as the model must do
+    big = small_model(attn="math")
+    state = model.state_dict()
+    for key in ("encoder.pos_embed", "target_encoder.pos_embed", "predictor.predictor_pos_embed"):
+        state[key] = interpolate_pos_embed(state[key], (8, 8), (12, 12))
+    big.encoder.grid = big.target_encoder.grid = big.predictor.grid = (12, 12)
+    for part, key in (("encoder", "pos_embed"), ("target_encoder", "pos_embed"), ("predictor", "predictor_pos_embed")):
+        setattr(getattr(big, part), key, torch.nn.Parameter(state[f"{part}.{key}"], requires_grad=False))
+    big.load_state_dict(state)
+    torch.testing.assert_close(loss, big.loss(images, masks), rtol=1e-6, atol=0)
 
 
 def test_step_init_std_reaches_every_module():

@@ -16,11 +16,15 @@ Two modes (``MaskConfig.mode``):
     context and ``context_lens`` says which positions are real (the model masks the padding out
     of attention and the loss, so the result equals running each image on its own).
 
-Randomness is seeded per step: an image's masks depend only on ``(seed, t, g)``, with ``t`` the
+Randomness is seeded per step: an image's draws depend only on ``(seed, t, g)``, with ``t`` the
 step and ``g = rank + b * world`` the image's position in the global batch (the data loader's
 sharding), so a resumed run, a data-loader worker, the C++ sampler, or the same global batch
-split over any number of processes draws exactly the same masks (see ``rng``). The block sizes
-depend on ``(seed, t)`` only.
+split over any number of processes draws exactly the same blocks (see ``rng``). The block sizes
+depend on ``(seed, t)`` only. In ``default`` mode the masks are then the same too. In
+``reference`` mode the truncation to the batch minimum is over *this process's* batch, as in the
+released code: the number of processes changes how many context patches each image keeps (on
+more processes, at least as many; the shorter context is a prefix of the longer), never which
+blocks are drawn or the targets.
 
 Two implementations give bit-identical results: this file's Python, and the compiled one in
 ``csrc/mask_sampler.cpp`` (``impl="cpp"``; ``"auto"`` uses it when it builds, see ``native``).
