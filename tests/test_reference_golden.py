@@ -276,3 +276,51 @@ def test_reference_golden_trajectory_check_is_sharp(traj_file, ckpt_file):
     model = traj_model(gold, read_checkpoint(ckpt_file))
     bad, state = run_trajectory(gold, model, make_optimizer(model), gold["ckpt_step"])
     assert compare_states(state, gold["state_after"], "")
+
+
+def traj_overrides(gold, ckpt_file, run_dir) -> list[str]:
+    """A config for the golden trajectory's model and schedules, resuming from the reference's checkpoint."""
+    c, o = gold["config"], gold["optim"]
+    images = len(gold["steps"][0]["images"])
+    return ["model.name=custom", f"model.patch_size={c['patch_size']}", f"model.embed_dim={c['embed_dim']}",
+            f"model.depth={c['depth']}", f"model.num_heads={c['num_heads']}", f"model.mlp_ratio={c['mlp_ratio']}",
+            f"model.pred_depth={c['pred_depth']}", f"model.pred_dim={c['pred_embed_dim']}",
+            f"model.pred_heads={c['pred_num_heads']}", "model.attn=math", "model.kernels=reference",
+            f"data.crop_size={c['img_size']}", "data.source=demo", f"data.batch_size={images}",
+            f"data.demo_images={images * o['iterations_per_epoch']}", f"optim.epochs={o['epochs']}",
+            f"optim.warmup={o['warmup_epochs']}", f"optim.start_lr={o['start_lr']}", f"optim.lr={o['lr']}",
+            f"optim.final_lr={o['final_lr']}", f"optim.weight_decay={o['weight_decay']}",
+            f"optim.final_weight_decay={o['final_weight_decay']}", f"optim.ipe_scale={o['ipe_scale']}",
+            f"optim.ema=[{o['ema'][0]},{o['ema'][1]}]", "run.precision=fp32", "run.progress=false", "run.plot=false",
+            "run.monitor_every=0", "mask.min_keep=4", f"run.resume={ckpt_file}", f"run.dir={run_dir}"]
+
+
+@pytest.mark.parametrize("traj_file,ckpt_file", TRAJ_PAIRS)
+def test_reference_golden_trajectory_resumed_by_the_trainer(traj_file, ckpt_file, tmp_path):
+    """As a user resumes: run.resume=PATH on the reference's checkpoint. The trainer takes its step
+    from the checkpoint's epoch times the iterations per epoch, as the reference does, and its own
+    step function, schedules and optimiser then reach the reference's final state."""
+    from ijepa_fast.config import load_config
+    from ijepa_fast.data import Batch
+    from ijepa_fast.train import Trainer
+
+    gold = torch.load(traj_file, weights_only=False)
+    trainer = Trainer(load_config(None, traj_overrides(gold, ckpt_file, tmp_path / "run")))
+    assert trainer.steps_per_epoch == gold["optim"]["iterations_per_epoch"]
+    assert trainer.step == gold["ckpt_step"]
+    assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
+    bad = []
+    for i in range(trainer.step, len(gold["steps"])):
+        s = gold["steps"][i]
+        batch = Batch(s["images"], MaskBatch.from_lists(s["masks_enc"], s["masks_pred"]), i,
+                      i // trainer.steps_per_epoch)
+        res = trainer._one_step(batch)
+        for what, ours, ref in (("lr", res.lr, s["lr"]), ("wd", res.wd, s["wd"]), ("momentum", res.momentum,
+                                                                                   s["momentum"])):
+            if not abs(ours - ref) <= 1e-12 * abs(ref):
+                bad.append(f"step {i} {what}: {ours!r} vs {ref!r}")
+        if not abs(res.loss - s["loss"]) <= TOL * abs(s["loss"]):
+            bad.append(f"step {i} loss: {res.loss!r} vs {s['loss']!r}")
+    state = {n: getattr(trainer.model, n).state_dict() for n in PARTS}
+    bad += compare_states(state, gold["state_after"], "after the last step:")
+    assert not bad, "the trainer's resumed trajectory differs from the reference:\n" + "\n".join(bad)
