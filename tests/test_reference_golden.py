@@ -292,7 +292,7 @@ def traj_overrides(gold, ckpt_file, run_dir) -> list[str]:
             f"optim.final_lr={o['final_lr']}", f"optim.weight_decay={o['weight_decay']}",
             f"optim.final_weight_decay={o['final_weight_decay']}", f"optim.ipe_scale={o['ipe_scale']}",
             f"optim.ema=[{o['ema'][0]},{o['ema'][1]}]", "run.precision=fp32", "run.progress=false", "run.plot=false",
-            "run.monitor_every=0", "mask.min_keep=4", f"run.resume={ckpt_file}", f"run.dir={run_dir}"]
+            "run.monitor_every=0", "mask.min_keep=0", f"run.resume={ckpt_file}", f"run.dir={run_dir}"]
 
 
 @pytest.mark.parametrize("traj_file,ckpt_file", TRAJ_PAIRS)
