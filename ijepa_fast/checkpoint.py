@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointUnreadable
 from .models import VIT_SIZES, VisionTransformer, VisionTransformerPredictor
 from .models.pos_embed import grid_from_tokens
 from .runlog import log
@@ -60,10 +60,13 @@ def load_strict(module: torch.nn.Module, state: dict, what: str = "model") -> No
 
 def _load(path: Path):
     """torch.load of tensors and plain containers only (see the module docstring)."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointUnreadable(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn, foreign or unsafe file: say which
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointUnreadable(f"cannot read checkpoint {path}: {why}") from None
 
 
 def read_checkpoint(path) -> dict:
@@ -75,7 +78,7 @@ def read_checkpoint(path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     ckpt = _load(path)
     if not isinstance(ckpt, dict) or not any(m in ckpt for m in MODULES):
-        raise CheckpointError(f"{path} is not an I-JEPA checkpoint (no encoder / target_encoder entry)")
+        raise CheckpointUnreadable(f"{path} is not an I-JEPA checkpoint (no encoder / target_encoder entry)")
     return ckpt
 
 
@@ -139,23 +142,28 @@ def load_training_checkpoint(path, model, optimizer) -> dict:
     return extra
 
 
-def save_atomic(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A kill at any moment leaves either the old file or the new one, never a torn one.
-    """
+def write_atomic(path, write) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, fsync, the usual permissions (0666 less
+    the umask), then rename over ``path``: a kill or a full disk at any moment leaves either the old
+    file or the new one, never a torn one. A failed write raises CheckpointError saying why."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint gets the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        old = " (the previous file is intact)" if path.exists() else ""
+        raise CheckpointError(f"could not write {path}: {why}{old}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -165,6 +173,12 @@ def save_atomic(obj, path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return path
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save ``obj`` to ``path`` atomically (see ``write_atomic``)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +202,8 @@ def encoder_spec(state: dict, num_heads: int | None = None) -> dict:
     if num_heads is None:
         match = [s for s in VIT_SIZES.values() if s.dim == dim and s.depth == depth]
         if not match:
-            raise CheckpointError(f"width {dim} / depth {depth} is not a standard ViT size: pass num_heads")
+            raise CheckpointError(f"width {dim} / depth {depth} is not a standard ViT size, so the head count is not "
+                                  f"known: give it (--num-heads N on the command line, num_heads=N in Python)")
         num_heads = match[0].heads
     grid = grid_from_tokens(n)
     return dict(img_size=(grid[0] * patch, grid[1] * patch), patch_size=patch, in_chans=in_chans, embed_dim=dim,
@@ -263,7 +278,7 @@ def _py_state_from_list(s):
     return (s[0], tuple(s[1]), s[2])
 
 
-def export_safetensors(src, out, which: str = "target_encoder") -> Path:
+def export_safetensors(src, out, which: str = "target_encoder", num_heads: int | None = None) -> Path:
     """Write one encoder of a checkpoint as safetensors (plain keys; architecture in the metadata)."""
     from safetensors.torch import save_file
 
@@ -271,10 +286,7 @@ def export_safetensors(src, out, which: str = "target_encoder") -> Path:
     if which not in ckpt:
         raise CheckpointError(f"the checkpoint has no {which!r} entry")
     state = {k: v.contiguous() for k, v in strip_prefix(ckpt[which]).items()}
-    spec = encoder_spec(state, num_heads=(ckpt.get("ijepa_fast") or {}).get("num_heads"))
+    spec = encoder_spec(state, num_heads=num_heads or (ckpt.get("ijepa_fast") or {}).get("num_heads"))
     meta = {k: str(v) for k, v in spec.items()}
     meta["which"] = which
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata=meta)
-    return out
+    return write_atomic(out, lambda tmp: save_file(state, tmp, metadata=meta))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import CheckpointError, ConfigError, DataError, TrainingStopped
+from .errors import ConfigError, DataError, IJEPAFastError, TrainingStopped
 
 DEFAULT_CONFIG = "demo_cpu"
 
@@ -27,7 +27,7 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
         elif config is None:
             config = a
         else:
-            raise SystemExit(f"error: unexpected argument {a!r}: give one CONFIG and section.key=value overrides")
+            raise ConfigError(f"unexpected argument {a!r}: give one CONFIG and section.key=value overrides")
     return config, overrides
 
 
@@ -47,6 +47,8 @@ def _load(args) -> tuple[object, str]:
     if getattr(args, "device", None):
         extra.append(f"run.device={args.device}")
     if getattr(args, "steps", None) is not None:
+        if args.steps < 1:
+            raise ConfigError(f"--steps: must be at least 1, got {args.steps} (leave it out to train the whole run)")
         extra.append(f"run.max_steps={args.steps}")
     name = config or DEFAULT_CONFIG
     cfg = load_config(name, extra + overrides)
@@ -54,10 +56,12 @@ def _load(args) -> tuple[object, str]:
 
 
 def cmd_train(args) -> int:
+    import shlex
+
     from .train import train
 
     cfg, name = _load(args)
-    run_dir = train(cfg, name)
+    run_dir = train(cfg, name, resume_command="ijepa-fast " + " ".join(shlex.quote(str(a)) for a in args.argv))
     print(f"run folder: {run_dir}")
     return 0
 
@@ -83,7 +87,7 @@ def cmd_config(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import export_safetensors
 
-    out = export_safetensors(args.checkpoint, args.out, args.which)
+    out = export_safetensors(args.checkpoint, args.out, args.which, num_heads=args.num_heads)
     print(f"wrote {args.which} of {args.checkpoint} to {out}")
     return 0
 
@@ -115,9 +119,13 @@ def cmd_bench(args) -> int:
 
 
 def _encoder(args):
+    """The checkpoint's encoder; ``args.img`` defaults to the resolution it was trained at."""
     from .checkpoint import encoder_from_checkpoint
 
-    return encoder_from_checkpoint(args.checkpoint, args.which, args.num_heads)
+    enc = encoder_from_checkpoint(args.checkpoint, args.which, args.num_heads)
+    if args.img is None:
+        args.img = enc.patch_size * enc.grid[0]
+    return enc
 
 
 def _device(args):
@@ -127,10 +135,15 @@ def _device(args):
 
 
 def cmd_extract(args) -> int:
+    from pathlib import Path
+
     from .data import FolderImages
     from .eval import extract, save
 
-    feats = extract(_encoder(args), FolderImages(args.data), img=args.img, batch_size=args.batch, device=_device(args),
+    if Path(args.out).suffix not in (".safetensors", ".npy"):
+        raise ConfigError(f"--out {args.out}: write features as .safetensors or .npy")
+    enc = _encoder(args)
+    feats = extract(enc, FolderImages(args.data), img=args.img, batch_size=args.batch, device=_device(args),
                     tokens=args.tokens, num_workers=args.workers)
     feats.meta.update({"checkpoint": str(args.checkpoint), "which": args.which})
     out = save(feats, args.out)
@@ -152,16 +165,17 @@ def _features(args, which: str, tokens: bool, classes=None):
         feats = load(path)
     else:
         if not args.checkpoint:
-            raise SystemExit(f"error: {path} is a folder: pass --checkpoint to extract its features")
-        feats = extract(_encoder(args), FolderImages(path), img=args.img, batch_size=args.batch, device=_device(args),
+            raise DataError(f"{path} is a folder: pass --checkpoint to extract its features")
+        enc = _encoder(args)
+        feats = extract(enc, FolderImages(path), img=args.img, batch_size=args.batch, device=_device(args),
                         tokens=tokens, num_workers=args.workers)
     if tokens and feats.tokens is None:
-        raise SystemExit(f"error: the attentive probe needs patch tokens: extract {path} with --tokens")
+        raise DataError(f"the attentive probe needs patch tokens: extract {path} with --tokens")
     if classes is not None and feats.meta.get("classes"):  # the same class names -> the same label numbers
         mapping = {name: i for i, name in enumerate(classes)}
         missing = [c for c in feats.meta["classes"] if c not in mapping]
         if missing:
-            raise SystemExit(f"error: {which} has classes the train split lacks: {missing[:5]}")
+            raise DataError(f"{which} has classes the train split lacks: {missing[:5]}")
         remap = {i: mapping[c] for i, c in enumerate(feats.meta["classes"])}
         feats.labels = feats.labels.apply_(lambda v: remap.get(v, v))
     return feats
@@ -176,7 +190,8 @@ def cmd_probe(args) -> int:
     train = _features(args, "train", tokens)
     val = _features(args, "val", tokens, train.meta.get("classes") or None)
     if (train.labels < 0).any() or (val.labels < 0).any():
-        raise SystemExit("error: probes need labels: use folders with one sub-folder per class (ImageNet layout)")
+        raise DataError("probes need labels: use folders with one sub-folder per class (ImageNet layout)")
+    _check_compatible(train, val, tokens)
     if args.kind == "linear":
         res = linear_probe(train.features, train.labels, val.features, val.labels, epochs=args.epochs)
     elif args.kind == "knn":
@@ -185,11 +200,12 @@ def cmd_probe(args) -> int:
         res = attentive_probe(train.tokens, train.labels, val.tokens, val.labels)
     else:
         if args.per_class is None and args.percent is None:
-            raise SystemExit("error: lowshot needs --per-class N or --percent P")
+            raise ConfigError("lowshot needs --per-class N or --percent P")
         seeds = tuple(int(s) for s in args.seeds.split(","))
         res = lowshot(train.features, train.labels, val.features, val.labels, args.per_class, args.percent, seeds,
                       epochs=args.epochs)
     res.update({"train_images": len(train), "val_images": len(val)})
+    res = _rounded(res)
     print(json.dumps(res))
     if args.out:
         with open(args.out, "a") as f:
@@ -199,6 +215,30 @@ def cmd_probe(args) -> int:
         with open(args.md, "a") as f:
             f.write(f"| {args.kind} | {len(train)} | {len(val)} | {res['top1']:.2f}{spread} | {res['top5']:.2f} |\n")
     return 0
+
+
+def _check_compatible(train, val, tokens: bool) -> None:
+    """Train and val features must come from the same encoder: the same width (an error) and,
+    normally, the same resolution (a warning)."""
+    a, b = (train.tokens, val.tokens) if tokens else (train.features, val.features)
+    if a.shape[-1] != b.shape[-1]:
+        raise DataError(f"train features are {a.shape[-1]} wide but val features {b.shape[-1]}: extract both splits "
+                        f"with the same checkpoint")
+    ia, ib = train.meta.get("img"), val.meta.get("img")
+    if ia and ib and ia != ib:
+        print(f"warning: train features were extracted at {ia} px and val features at {ib} px; probe accuracy is "
+              f"usually lower across resolutions", file=sys.stderr)
+
+
+def _rounded(x):
+    """Floats to 4 decimals (no float32 noise in the output)."""
+    if isinstance(x, float):
+        return round(x, 4)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (with no CONFIG: the built-in CPU demo)",
                        description="Train from CONFIG (a YAML path or built-in name; default: demo_cpu) with "
                                    "section.key=value overrides, e.g. optim.lr=5e-4 data.batch_size=64.")
-    t.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    t.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                   help="a YAML file or built-in config (default demo_cpu), then section.key=value overrides")
     t.add_argument("--data", metavar="DIR", help="train on an image folder (ImageNet layout or flat)")
     t.add_argument("--run-dir", metavar="DIR", help="run folder (resumes from its latest checkpoint if any)")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto")
@@ -219,30 +260,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("config", help="print the resolved config, list built-in configs or describe every option")
-    c.add_argument("args", nargs="*", metavar="CONFIG | key=value")
+    c.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                   help="a YAML file or built-in config (default demo_cpu), then section.key=value overrides")
     c.add_argument("--describe", action="store_true", help="every option with its default and meaning")
     c.add_argument("--list", action="store_true", help="the built-in configs")
-    c.add_argument("--data", metavar="DIR")
+    c.add_argument("--data", metavar="DIR", help="as train --data: the image folder to train on")
     c.set_defaults(func=cmd_config)
 
     e = sub.add_parser("export", help="export an encoder of a checkpoint as safetensors")
-    e.add_argument("checkpoint")
-    e.add_argument("out")
-    e.add_argument("--which", default="target_encoder", choices=("target_encoder", "encoder"))
+    e.add_argument("checkpoint", help="a checkpoint: ours, a published one, or a sharded <tag>-latest.dcp")
+    e.add_argument("out", help="the .safetensors file to write")
+    e.add_argument("--which", default="target_encoder", choices=("target_encoder", "encoder"),
+                   help="the EMA target encoder (the paper's choice, default) or the context encoder")
+    e.add_argument("--num-heads", type=int, help="head count, only for published checkpoints of a non-standard width")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="time the training step: images/s, tokens/s, TFLOP/s, MFU, memory, GPU-hours",
                        description="Times training steps on synthetic images, one JSON object per line.")
-    b.add_argument("--model", default="vit_huge")
+    b.add_argument("--model", default="vit_huge", help="vit_tiny .. vit_giant")
     b.add_argument("--patch", type=int, help="default: 14 for vit_huge, else 16")
-    b.add_argument("--img", type=int, default=224)
+    b.add_argument("--img", type=int, default=224, help="image side in pixels")
     b.add_argument("--batch", type=int, help="default: the published per-GPU batch of the model")
-    b.add_argument("--pred-depth", type=int, default=12)
-    b.add_argument("--masks", default="both", choices=("reference", "default", "both"))
+    b.add_argument("--pred-depth", type=int, default=12, help="predictor blocks")
+    b.add_argument("--masks", default="both", choices=("reference", "default", "both"),
+                   help="the released sampler's masks, whole contexts (default mode), or both")
     b.add_argument("--paths", default="both", choices=("plain", "fast", "both"),
                    help="the plain step, the fast paths (kernels, packing, bf16 weights, compile), or both")
-    b.add_argument("--steps", type=int, default=10)
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     b.add_argument("--out", help="also append the JSON lines to this file")
     b.set_defaults(func=cmd_bench)
@@ -251,18 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--which", default="target_encoder", choices=("target_encoder", "encoder"),
                        help="the EMA target encoder (the paper's choice) or the context encoder")
         q.add_argument("--num-heads", type=int, help="only for non-standard widths in published checkpoints")
-        q.add_argument("--img", type=int, default=224, help="resolution (the positional table is interpolated)")
-        q.add_argument("--batch", type=int, default=64)
-        q.add_argument("--workers", type=int, default=2)
+        q.add_argument("--img", type=int, help="resolution; default: the one the checkpoint was trained at (other "
+                       "sizes interpolate the positional table)")
+        q.add_argument("--batch", type=int, default=64, help="images per forward pass")
+        q.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
         q.add_argument("--device", help="cuda or cpu (default: cuda when present; bf16 there)")
 
     x = sub.add_parser("extract", help="features of a frozen encoder over an image folder",
                        description="Average-pooled features (optionally every patch token), with labels and file "
                                    "names, as .safetensors or .npy.")
-    x.add_argument("checkpoint")
+    x.add_argument("checkpoint", help="a checkpoint: ours, a published one, or a sharded <tag>-latest.dcp")
     x.add_argument("--data", required=True, metavar="DIR", help="an image folder (class sub-folders or flat)")
     x.add_argument("--tokens", action="store_true", help="also keep every patch token")
-    x.add_argument("--out", default="features.safetensors")
+    x.add_argument("--out", default="features.safetensors", help=".safetensors or .npy (with _labels.npy beside)")
     encoder_args(x)
     x.set_defaults(func=cmd_extract)
 
@@ -270,12 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="TRAIN and VAL are feature files (from extract) or image folders (with "
                                     "--checkpoint); --data DIR means DIR/train and DIR/val. Prints top-1/top-5 "
                                     "as JSON.")
-    pr.add_argument("kind", choices=("linear", "attentive", "knn", "lowshot"))
-    pr.add_argument("--train")
-    pr.add_argument("--val")
+    pr.add_argument("kind", choices=("linear", "attentive", "knn", "lowshot"), help="the probe")
+    pr.add_argument("--train", help="training features (from extract) or an image folder (with --checkpoint)")
+    pr.add_argument("--val", help="validation features or an image folder")
     pr.add_argument("--data", metavar="DIR", help="a folder with train/ and val/ (ImageNet layout)")
     pr.add_argument("--checkpoint", help="extract the features of image folders from this checkpoint")
-    pr.add_argument("--epochs", type=int, default=100)
+    pr.add_argument("--epochs", type=int, default=100, help="training epochs of the linear and low-shot probes")
     pr.add_argument("--k", type=int, default=20, help="neighbours (knn)")
     pr.add_argument("--per-class", type=int, help="labels per class (lowshot)")
     pr.add_argument("--percent", type=float, help="percent of each class's labels (lowshot)")
@@ -296,12 +342,13 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if rest:
         args.args = list(getattr(args, "args", [])) + rest
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, CheckpointError) as e:
+    except IJEPAFastError as e:  # a user error: one line that says what to change
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

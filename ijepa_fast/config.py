@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config_reference import is_reference_config, translate_reference_config
+from .config_validate import validate
 from .errors import ConfigError
 from .kernels.jepa_loss import KINDS as LOSSES
 
@@ -53,8 +54,9 @@ class ModelConfig:
     init_std: float = opt(0.02, "std of the trunc-normal init")
     attn: str = opt("sdpa", "attention implementation", ("sdpa", "math"))
     layout: str = opt("auto", "context sequences of different lengths: 'packed' (concatenated, no padding, "
-                      "variable-length attention), 'padded' (to the longest, key masks), 'auto' (packed whenever "
-                      "lengths differ)", ("auto", "padded", "packed"))
+                      "variable-length attention), 'padded' (to the longest, key masks), 'auto' (packed when a fused "
+                      "variable-length attention kernel runs: flash-attn, PyTorch varlen_attn or xformers on CUDA; "
+                      "padded otherwise)", ("auto", "padded", "packed"))
     varlen_attn: str = opt("auto", "attention over packed sequences: 'auto' tries flash_attn, torch_varlen, "
                            "xformers, nested (any device), then padded", ("auto", "flash_attn", "torch_varlen",
                                                                            "xformers", "nested", "padded", "math"))
@@ -351,30 +353,6 @@ def load_config(path=None, overrides=()) -> Config:
         merge(cfg, parse_override(text))
     validate(cfg)
     return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Checks across fields, with messages that say what to change."""
-    def need(cond, key, msg):
-        if not cond:
-            raise ConfigError(f"{key}: {msg}")
-
-    d, m, o, mo = cfg.data, cfg.mask, cfg.optim, cfg.model
-    need(d.batch_size > 0, "data.batch_size", "must be positive")
-    need(d.crop_size % mo.patch_size == 0, "data.crop_size",
-         f"{d.crop_size} is not a multiple of model.patch_size={mo.patch_size}")
-    need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "needs 0 < min <= max <= 1")
-    need(0 < m.target_scale[0] <= m.target_scale[1] < 1, "mask.target_scale", "needs 0 < min <= max < 1")
-    need(0 < m.context_scale[0] <= m.context_scale[1] <= 1, "mask.context_scale", "needs 0 < min <= max <= 1")
-    need(m.num_targets >= 1 and m.num_context >= 1, "mask.num_targets", "needs at least one target and context block")
-    need(o.epochs > 0, "optim.epochs", "must be positive")
-    need(0 <= o.ema[0] <= o.ema[1] <= 1, "optim.ema", "needs 0 <= start <= end <= 1")
-    need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", "must be positive or null")
-    need(cfg.run.log_every > 0, "run.log_every", "must be positive")
-    need(o.accum_steps >= 1 and d.batch_size % o.accum_steps == 0, "optim.accum_steps",
-         f"must divide data.batch_size={d.batch_size}")
-    need(not (cfg.dist.strategy == "fsdp" and cfg.perf.bf16_weights), "perf.bf16_weights",
-         "FSDP has its own bf16 parameters: leave perf.bf16_weights off with dist.strategy=fsdp")
 
 
 def describe(obj=None, prefix: str = "") -> str:

@@ -19,8 +19,16 @@ class CheckpointError(IJEPAFastError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint file that cannot be read at all (empty, torn, not a checkpoint, unsafe)."""
+
+
 class DataError(IJEPAFastError, RuntimeError):
     """A data source that cannot be used (missing, empty, unreadable); the message says which."""
+
+
+class RunFolderError(IJEPAFastError, OSError):
+    """A run folder that cannot be written, or has no room for a checkpoint; the message says which."""
 
 
 class TrainingStopped(IJEPAFastError, RuntimeError):

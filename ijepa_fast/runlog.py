@@ -18,9 +18,7 @@ def setup_logging(run_dir: Path | None = None, rank: int = 0) -> None:
     """INFO to stderr (rank 0 only) and to <run_dir>/train.log."""
     log.setLevel(logging.INFO)
     log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
+    close_logging()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if rank == 0:
         h = logging.StreamHandler(sys.stderr)
@@ -30,6 +28,13 @@ def setup_logging(run_dir: Path | None = None, rank: int = 0) -> None:
         fh = logging.FileHandler(Path(run_dir) / ("train.log" if rank == 0 else f"train_r{rank}.log"))
         fh.setFormatter(fmt)
         log.addHandler(fh)
+
+
+def close_logging() -> None:
+    """Detach and close the log's handlers (the run folder's train.log among them)."""
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
 
 
 class MetricsWriter:

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +25,15 @@ import torch
 from . import __version__, distributed, perf
 from ._compat import keyword_only
 from .checkpoint import load_training_checkpoint, resolve, training_checkpoint
-from .config import Config, dump_config
+from .config import Config
 from .data import build_loader, build_source
-from .errors import DataError, TrainingStopped
+from .errors import CheckpointError, CheckpointUnreadable, DataError, TrainingStopped
 from .kernels.dispatch import describe as describe_kernels
 from .masks import MultiBlockSampler
 from .model import IJEPA
 from .monitor import CollapseMonitor
-from .runlog import MetricsWriter, Progress, log, plot_metrics, setup_logging
+from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_config, remove_if_created
+from .runlog import MetricsWriter, Progress, close_logging, log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import make_optimizer, train_step
 from .train_state import CheckpointManager, is_sharded, load_sharded
@@ -35,14 +42,25 @@ MAX_SKIPPED_IN_A_ROW = 10
 
 
 def describe_attention(cfg: Config, device: torch.device) -> str:
-    """Which attention runs: dense / padded batches, and packed variable-length sequences."""
+    """Which attention runs: for dense batches, and for contexts of different lengths (packed or
+    padded, as ``model.layout`` decides here)."""
+    from .models.varlen import available
     from .models.varlen import resolve as resolve_attn
 
     half = device.type == "cuda" and (cfg.perf.bf16_weights or cfg.run.precision in ("auto", "bf16"))
     probe = torch.empty(0, device=device, dtype=torch.bfloat16 if half else torch.float32)
-    packed = resolve_attn(cfg.model.varlen_attn, probe)
-    return (f"attention: {cfg.model.attn} for dense batches; layout {cfg.model.layout}, packed sequences with "
-            f"{packed}" + (" (auto)" if cfg.model.varlen_attn == "auto" else ""))
+    layout, why = cfg.model.layout, ""
+    if layout == "auto":
+        fused = [b for b in ("flash_attn", "torch_varlen", "xformers")
+                 if available(b, torch.empty(0, device=device, dtype=torch.bfloat16))]
+        layout = "packed" if fused else "padded"
+        why = (" (model.layout=auto: a fused variable-length attention kernel runs here)" if fused else
+               " (model.layout=auto: packing needs a fused variable-length attention kernel, flash-attn, PyTorch's "
+               "varlen_attn or xformers on CUDA)")
+    if layout == "packed":
+        return (f"attention: {cfg.model.attn} for dense batches; contexts of different lengths packed, attention "
+                f"{resolve_attn(cfg.model.varlen_attn, probe)}{why}")
+    return f"attention: {cfg.model.attn}; contexts of different lengths padded, with key masks{why}"
 
 
 def resolve_device(spec: str, env: distributed.DistEnv | None = None) -> torch.device:
@@ -55,19 +73,6 @@ def resolve_device(spec: str, env: distributed.DistEnv | None = None) -> torch.d
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={spec} but CUDA is not available here; use run.device=cpu or auto")
     return dev
-
-
-def make_run_dir(cfg: Config, config_name: str) -> Path:
-    """The run folder: run.dir, or out_dir/name (named by rank 0, shared with every rank)."""
-    if cfg.run.dir:
-        path = Path(cfg.run.dir)
-    else:
-        name = [cfg.run.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"]
-        if distributed.active():
-            torch.distributed.broadcast_object_list(name, src=0)
-        path = Path(cfg.run.out_dir) / name[0]
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def scaled_optim(cfg: Config, global_batch: int):
@@ -83,20 +88,35 @@ def scaled_optim(cfg: Config, global_batch: int):
 
 class Trainer:
     @keyword_only(3, ("source", "env"))
-    def __init__(self, cfg: Config, config_name: str = "run", *, source=None, env: distributed.DistEnv | None = None):
+    def __init__(self, cfg: Config, config_name: str = "run", *, source=None, env: distributed.DistEnv | None = None,
+                 resume_command: str | None = None):
         """``source``: an image source to train on instead of the one ``cfg.data`` names (anything
         with ``__len__``, ``load(i)`` -> RGB PIL image or None, ``name(i)`` and optional ``labels``).
-        ``env``: the process's place among several (default: read from the launcher's variables)."""
+        ``env``: the process's place among several (default: read from the launcher's variables).
+        ``resume_command``: the command line that continues this run, for messages (the CLI's)."""
         self.cfg = cfg
+        self.resume_command = resume_command
         self._setup_process(env)
         self._setup_run_folder(config_name)
-        self._setup_data(source)
-        self._setup_model()
-        self.ckpt = CheckpointManager(self.run_dir, cfg.run.tag, cfg.run.keep_last, cfg.run.keep_every_epochs,
-                                      sharded=self.strategy == "fsdp", rank=self.rank)
-        self.step = 0
-        self._skips = 0  # non-finite steps skipped in a row (optim.on_nonfinite=skip)
-        self._maybe_resume()
+        try:  # a failure here leaves nothing behind: no config.yaml rewritten, no new run folder
+            self._setup_data(source)
+            self._setup_model()
+            self.ckpt = CheckpointManager(self.run_dir, cfg.run.tag, cfg.run.keep_last, cfg.run.keep_every_epochs,
+                                          sharded=self.strategy == "fsdp", rank=self.rank)
+            self.step = 0
+            self._skips = 0  # non-finite steps skipped in a row (optim.on_nonfinite=skip)
+            before = self._maybe_resume()
+        except BaseException:
+            close_logging()
+            if self.rank == 0:
+                remove_if_created(self.run_dir, self._created_run_dir)
+            raise
+        if self.rank == 0:
+            changed = record_config(self.run_dir, cfg.to_dict(), resumed=before is not None,
+                                    before=before or None, step=self.step)
+            if changed:
+                log.warning(f"resumed with changed settings: {', '.join(changed)} (config.yaml keeps the run's first "
+                            f"settings; the changes are recorded in config_history.yaml)")
         if self.master is not None:
             self.master.sync_params()  # the bf16 copy starts from the (possibly loaded) masters
 
@@ -118,10 +138,8 @@ class Trainer:
         distributed.init(self.env, self.device, c.dist.backend)
 
     def _setup_run_folder(self, config_name: str):
-        self.run_dir = make_run_dir(self.cfg, config_name)
+        self.run_dir, self._created_run_dir = make_run_dir(self.cfg, config_name)
         setup_logging(self.run_dir, self.rank)
-        if self.rank == 0:
-            dump_config(self.cfg, self.run_dir / "config.yaml")
 
     def _setup_data(self, source):
         """The image source, the global batch, the epoch length and the schedules."""
@@ -155,6 +173,8 @@ class Trainer:
             self.forward = distributed.wrap(self.run_model, self.strategy, self.device, c.optim.accum_steps == 1)
         self.optimizer = make_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                         impl=perf.optimizer_impl(c.perf, self.device))
+        if self.rank == 0:
+            check_room(self.run_dir, checkpoint_bytes(self.model))
 
     def _describe(self):
         c, m = self.cfg, self.model
@@ -178,16 +198,18 @@ class Trainer:
                  + f"; {self.steps_per_epoch} steps/epoch x {c.optim.epochs} epochs; peak lr "
                  f"{self.schedules.lr:.3g} ({scaling}); masks {c.mask.mode}; parallelism {self.strategy}")
 
-    def _maybe_resume(self):
+    def _maybe_resume(self) -> dict | None:
+        """Load the checkpoint run.resume names (auto: this folder's newest readable one); returns its
+        settings ({} for a published checkpoint), or None when the run starts fresh."""
         r = self.cfg.run.resume
         path = self.ckpt.find_latest() if r == "auto" else (Path(r) if r else None)
         if path is None:
-            return
+            return None
         path = resolve(path)
         if is_sharded(path):
             extra = load_sharded(path, self.model, self.optimizer, self.rank)
         else:
-            extra = load_training_checkpoint(path, self.model, self.optimizer)
+            path, extra = self._load_newest_readable(path, fall_back=r == "auto")
         if "step" in extra:
             self.step = int(extra["step"])
             self.sampler.load_state_dict(extra["sampler"])
@@ -198,6 +220,25 @@ class Trainer:
             self.step = extra["epoch"] * self.steps_per_epoch
             self.sampler.step = self.step
         log.info(f"resumed from {path} at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})")
+        return dict(extra.get("config") or {})
+
+    def _load_newest_readable(self, path: Path, fall_back: bool) -> tuple[Path, dict]:
+        """Load ``path``; when it is unreadable (torn, empty) and ``fall_back``, the newest readable
+        step checkpoint of the folder instead, saying so."""
+        tried = []
+        for cand in [path] + ([p for p in self.ckpt.older() if p.resolve() != path.resolve()] if fall_back else []):
+            try:
+                extra = load_training_checkpoint(cand, self.model, self.optimizer)
+            except CheckpointUnreadable as e:
+                if not fall_back:
+                    raise
+                tried.append(str(e))
+                continue
+            if tried:
+                log.warning(f"{'; '.join(tried)}: resuming from the newest readable checkpoint, {cand}")
+            return cand, extra
+        raise CheckpointError(f"no readable checkpoint in {self.run_dir}: {'; '.join(tried)}; start a new run folder "
+                              f"or set run.resume=null to start this one afresh")
 
     # -- checkpoints
     def train_state(self) -> dict:
@@ -290,7 +331,16 @@ class Trainer:
         if loop.saved_at != self.step:
             self._save(loop, loop.losses[-50:])
         log.warning(f"{received or 'a stop signal on another process'}: checkpoint at step {self.step} written "
-                    f"({self.ckpt.latest}); exiting. Run the same command to resume.")
+                    f"({self.ckpt.latest}); exiting. To resume: {self.resume_hint()}")
+
+    def resume_hint(self) -> str:
+        """The command that continues this run (in this run folder), for messages."""
+        cmd = self.resume_command or "ijepa-fast train CONFIG [overrides]"
+        if "--run-dir" not in cmd and "run.dir=" not in cmd:
+            cmd += f" --run-dir {shlex.quote(str(self.run_dir))}"
+        if self.world > 1:
+            cmd += " (under the same launcher)"
+        return cmd
 
     def make_loader(self, stop: int):
         """The batches of steps self.step .. stop-1 of this process."""
@@ -340,10 +390,11 @@ class Trainer:
                 log.warning(f"{e}: step skipped (optim.on_nonfinite=skip; {self._skips} in a row)")
                 return None
             last = self.ckpt.find_latest()
-            log.error(f"{e}: stopping. The model and optimiser were not updated by this step; the last good "
-                      f"checkpoint is {last or 'none written yet'}. Resume from it with a lower optim.lr or "
-                      f"optim.grad_clip set.")
-            raise TrainingStopped(str(e)) from None
+            where = (f"the last good checkpoint, {last}, is intact; resume from it with a lower optim.lr or "
+                     f"optim.grad_clip set: {self.resume_hint()} optim.lr=... optim.grad_clip=..." if last else
+                     "no checkpoint had been written yet; start again with a lower optim.lr or optim.grad_clip set")
+            log.error(f"{e}: stopping. Nothing was updated by this step; {where}")
+            raise TrainingStopped(f"{e}; {where}") from None
 
     def _row(self, batch, res, sec_per_step: float, skipped: int) -> dict:
         ctx, tgt = batch.masks.mean_tokens()
@@ -355,6 +406,8 @@ class Trainer:
                "skipped": skipped}
         if self.device.type == "cuda":
             row["mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        elif resource is not None:  # the CPU: the process's peak resident memory
+            row["mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         if not math.isfinite(loss):
             row["loss"] = None
         return row
@@ -377,9 +430,9 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def train(cfg: Config, config_name: str = "run", *, source=None) -> Path:
+def train(cfg: Config, config_name: str = "run", *, source=None, resume_command: str | None = None) -> Path:
     """Train as ``cfg`` says (on ``source`` if given) and return the run folder."""
-    trainer = Trainer(cfg, config_name, source=source)
+    trainer = Trainer(cfg, config_name, source=source, resume_command=resume_command)
     try:
         return trainer.run()
     finally:

@@ -39,6 +39,10 @@ class CheckpointManager:
                 return resolve(p)
         return None
 
+    def older(self) -> list[Path]:
+        """The run folder's one-file step checkpoints, newest first (fallbacks for a torn latest)."""
+        return sorted(self.dir.glob(f"{self.tag}-step*.pth.tar"), reverse=True)
+
     # -- one file
     def save_file(self, state: dict, step: int, epoch: int, epoch_end: bool) -> Path:
         path = self.dir / f"{self.tag}-step{step:08d}.pth.tar"

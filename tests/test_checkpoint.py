@@ -75,7 +75,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
         read_checkpoint(tmp_path / "other.pt")
     state = small().encoder.state_dict()
     save_atomic({"encoder": state, "target_encoder": state}, tmp_path / "odd.pt")
-    with pytest.raises(CheckpointError, match="pass num_heads"):
+    with pytest.raises(CheckpointError, match="give it \\(--num-heads N"):
         encoder_from_checkpoint(tmp_path / "odd.pt")
 
 
@@ -84,7 +84,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     save_atomic({"encoder": {"w": torch.ones(3)}}, path)
 
     def dies_midway(obj, f, *a, **k):
-        f.write(b"partial bytes")
+        with open(f, "ab") as out:
+            out.write(b"partial bytes")
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(torch, "save", dies_midway)
@@ -93,6 +94,18 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(read_checkpoint(path)["encoder"]["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["latest.pth.tar"]  # no temporary file left behind
+
+    def disk_full(obj, f, *a, **k):
+        with open(f, "ab") as out:
+            out.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device \\(the previous file is intact\\)"):
+        save_atomic({"encoder": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(read_checkpoint(path)["encoder"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["latest.pth.tar"]
 
 
 def test_checkpoint_export_safetensors(tmp_path):

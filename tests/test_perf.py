@@ -110,7 +110,7 @@ def test_perf_trainer_runs_and_checkpoints_fp32_masters(tmp_path):
             "perf.activation_checkpointing=true"]
     p = run_cli(*args)
     assert "performance switches: bf16_weights, activation_checkpointing" in p.stderr
-    assert "packed sequences with" in p.stderr
+    assert "contexts of different lengths padded, with key masks (model.layout=auto: packing needs" in p.stderr
     ckpt = torch.load(tmp_path / "run" / "jepa-latest.pth.tar", weights_only=True)
     assert all(v.dtype == torch.float32 for v in ckpt["encoder"].values())
     args[args.index("3")] = "5"

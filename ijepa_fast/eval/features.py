@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from .._compat import keyword_only
+from ..checkpoint import write_atomic
 from ..data.transforms import pil_to_tensor
+from ..errors import DataError
 
 
 @dataclass
@@ -122,7 +124,7 @@ def save(feats: Features, path) -> Path:
         tensors = {"features": feats.features.contiguous(), "labels": feats.labels.contiguous()}
         if feats.tokens is not None:
             tensors["tokens"] = feats.tokens.contiguous()
-        save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(meta)}))
     elif path.suffix == ".npy":
         import numpy as np
 
@@ -132,7 +134,7 @@ def save(feats: Features, path) -> Path:
             np.save(path.with_name(path.stem + "_tokens.npy"), feats.tokens.numpy())
         path.with_name(path.stem + "_meta.json").write_text(json.dumps(meta))
     else:
-        raise ValueError(f"{path}: write features as .safetensors or .npy")
+        raise DataError(f"{path}: write features as .safetensors or .npy")
     return path
 
 
