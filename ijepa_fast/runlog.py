@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
@@ -14,20 +15,38 @@ COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "grad_norm", "ctx_to
            "step_ms", "images_per_s", "skipped", "mem_gib", "feat_std", "feat_std_min", "feat_rank")
 
 
-def setup_logging(run_dir: Path | None = None, rank: int = 0) -> None:
-    """INFO to stderr (rank 0 only) and to <run_dir>/train.log."""
+FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+
+
+def setup_logging(run_dir: Path | None = None, rank: int = 0, defer: bool = False) -> None:
+    """INFO to stderr (rank 0 only) and to <run_dir>/train.log. With ``defer``, the file gets
+    nothing until ``open_file_log`` (then everything so far): a set-up that fails leaves no trace
+    in the run folder."""
     log.setLevel(logging.INFO)
     log.propagate = False
     close_logging()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if rank == 0:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(fmt)
+        h.setFormatter(FORMAT)
         log.addHandler(h)
     if run_dir is not None:
-        fh = logging.FileHandler(Path(run_dir) / ("train.log" if rank == 0 else f"train_r{rank}.log"))
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
+        if defer:
+            log.addHandler(logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1))
+        else:
+            open_file_log(run_dir, rank)
+
+
+def open_file_log(run_dir: Path, rank: int = 0) -> None:
+    """Start writing <run_dir>/train.log, with whatever a deferred set-up held back."""
+    fh = logging.FileHandler(Path(run_dir) / ("train.log" if rank == 0 else f"train_r{rank}.log"))
+    fh.setFormatter(FORMAT)
+    for h in list(log.handlers):
+        if isinstance(h, logging.handlers.MemoryHandler):
+            h.setTarget(fh)
+            h.flush()
+            log.removeHandler(h)
+            h.close()
+    log.addHandler(fh)
 
 
 def close_logging() -> None:

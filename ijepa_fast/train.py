@@ -33,7 +33,7 @@ from .masks import MultiBlockSampler
 from .model import IJEPA
 from .monitor import CollapseMonitor
 from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_config, remove_if_created
-from .runlog import MetricsWriter, Progress, close_logging, log, plot_metrics, setup_logging
+from .runlog import MetricsWriter, Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import make_optimizer, train_step
 from .train_state import CheckpointManager, is_sharded, load_sharded
@@ -111,6 +111,7 @@ class Trainer:
             if self.rank == 0:
                 remove_if_created(self.run_dir, self._created_run_dir)
             raise
+        open_file_log(self.run_dir, self.rank)
         if self.rank == 0:
             changed = record_config(self.run_dir, cfg.to_dict(), resumed=before is not None,
                                     before=before or None, step=self.step)
@@ -139,7 +140,7 @@ class Trainer:
 
     def _setup_run_folder(self, config_name: str):
         self.run_dir, self._created_run_dir = make_run_dir(self.cfg, config_name)
-        setup_logging(self.run_dir, self.rank)
+        setup_logging(self.run_dir, self.rank, defer=True)  # train.log is written once set-up has succeeded
 
     def _setup_data(self, source):
         """The image source, the global batch, the epoch length and the schedules."""

@@ -193,6 +193,7 @@ def test_resume_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM: checkpoint at step" in err
+    assert f"To resume: ijepa-fast train --run-dir {tmp_path / 'run'}" in err  # the exact command, folder included
     ckpt = torch.load(tmp_path / "run" / "jepa-latest.pth.tar", weights_only=True)
     step = ckpt["ijepa_fast"]["step"]
     assert 3 <= step < 200
