@@ -48,6 +48,7 @@ def test_cli_errors_name_what_to_fix(tmp_path):
 def test_cli_config_describe_list_and_resolved(tmp_path):
     out = run_cli("config", "--describe").stdout
     assert "optim.lr" in out and "mask.mode" in out
+    assert "'auto' (packed when a fused variable-length attention kernel runs" in out  # what runs, on any device
     assert "in1k_vith14_ep300" in run_cli("config", "--list").stdout
     resolved = run_cli("config", "in22k_vitg16_ep44", "optim.lr=3e-4").stdout
     assert "name: vit_giant" in resolved and "lr: 0.0003" in resolved

@@ -119,3 +119,12 @@ def test_config_every_builtin_loads_and_describe_documents_every_option():
     for key in ("optim.lr", "mask.mode", "model.init", "run.resume", "data.crop_scale"):
         line = next(li for li in text.splitlines() if li.startswith(key + " "))
         assert len(line.split(None, 2)) == 3  # key, default, documentation
+
+
+def test_config_demo_runs_the_collapse_monitor_often_enough_to_compare():
+    """The monitor's relative check compares with its first measurement: the demo measures several times."""
+    from ijepa_fast.config import load_config
+
+    cfg = load_config("demo_cpu")
+    steps = cfg.optim.epochs * (cfg.data.demo_images // cfg.data.batch_size)
+    assert cfg.run.monitor_every > 0 and steps // cfg.run.monitor_every >= 4
