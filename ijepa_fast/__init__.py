@@ -58,7 +58,7 @@ _EXPORTS = {
     "load_strict": "checkpoint", "read_checkpoint": "checkpoint", "save_atomic": "checkpoint",
     "encoder_from_checkpoint": "checkpoint", "models_from_checkpoint": "checkpoint",
     "export_safetensors": "checkpoint",
-    "Trainer": "train", "train": "train",
+    "Trainer": "train", "train": "train", "Engine": "engine", "PerfConfig": "config",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
