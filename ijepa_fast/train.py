@@ -24,43 +24,22 @@ import torch
 
 from . import __version__, distributed, perf
 from ._compat import keyword_only
-from .checkpoint import load_training_checkpoint, resolve, training_checkpoint
+from .checkpoint import training_checkpoint
 from .config import Config
 from .data import build_loader, build_source
-from .errors import CheckpointError, CheckpointUnreadable, DataError, TrainingStopped
+from .errors import DataError, TrainingStopped
 from .kernels.dispatch import describe as describe_kernels
 from .masks import MultiBlockSampler
 from .model import IJEPA
+from .models.varlen import describe as describe_attention
 from .monitor import CollapseMonitor
 from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_config, remove_if_created
 from .runlog import MetricsWriter, Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import make_optimizer, train_step
-from .train_state import CheckpointManager, is_sharded, load_sharded
+from .train_state import CheckpointManager, load_for_resume
 
 MAX_SKIPPED_IN_A_ROW = 10
-
-
-def describe_attention(cfg: Config, device: torch.device) -> str:
-    """Which attention runs: for dense batches, and for contexts of different lengths (packed or
-    padded, as ``model.layout`` decides here)."""
-    from .models.varlen import available
-    from .models.varlen import resolve as resolve_attn
-
-    half = device.type == "cuda" and (cfg.perf.bf16_weights or cfg.run.precision in ("auto", "bf16"))
-    probe = torch.empty(0, device=device, dtype=torch.bfloat16 if half else torch.float32)
-    layout, why = cfg.model.layout, ""
-    if layout == "auto":
-        fused = [b for b in ("flash_attn", "torch_varlen", "xformers")
-                 if available(b, torch.empty(0, device=device, dtype=torch.bfloat16))]
-        layout = "packed" if fused else "padded"
-        why = (" (model.layout=auto: a fused variable-length attention kernel runs here)" if fused else
-               " (model.layout=auto: packing needs a fused variable-length attention kernel, flash-attn, PyTorch's "
-               "varlen_attn or xformers on CUDA)")
-    if layout == "packed":
-        return (f"attention: {cfg.model.attn} for dense batches; contexts of different lengths packed, attention "
-                f"{resolve_attn(cfg.model.varlen_attn, probe)}{why}")
-    return f"attention: {cfg.model.attn}; contexts of different lengths padded, with key masks{why}"
 
 
 def resolve_device(spec: str, env: distributed.DistEnv | None = None) -> torch.device:
@@ -184,7 +163,8 @@ class Trainer:
         log.info(f"ijepa-fast {__version__} | torch {torch.__version__} | device {self.device} | "
                  f"precision {c.run.precision} | threads {torch.get_num_threads()}")
         log.info(describe_kernels(c.model.kernels, self.device) + (" | deterministic" if c.run.deterministic else ""))
-        log.info(describe_attention(c, self.device))
+        half = self.device.type == "cuda" and (c.perf.bf16_weights or c.run.precision in ("auto", "bf16"))
+        log.info(describe_attention(c.model.attn, c.model.layout, c.model.varlen_attn, self.device, half))
         native = self.sampler.native()  # built (once, cached) before data-loader workers fork
         log.info(f"mask sampler: {'compiled (csrc/)' if native is not None else 'Python'}, mode {c.mask.mode}")
         log.info(f"run folder: {self.run_dir}")
@@ -202,15 +182,10 @@ class Trainer:
     def _maybe_resume(self) -> dict | None:
         """Load the checkpoint run.resume names (auto: this folder's newest readable one); returns its
         settings ({} for a published checkpoint), or None when the run starts fresh."""
-        r = self.cfg.run.resume
-        path = self.ckpt.find_latest() if r == "auto" else (Path(r) if r else None)
-        if path is None:
+        loaded = load_for_resume(self.ckpt, self.cfg.run.resume, self.model, self.optimizer, self.rank)
+        if loaded is None:
             return None
-        path = resolve(path)
-        if is_sharded(path):
-            extra = load_sharded(path, self.model, self.optimizer, self.rank)
-        else:
-            path, extra = self._load_newest_readable(path, fall_back=r == "auto")
+        path, extra = loaded
         if "step" in extra:
             self.step = int(extra["step"])
             self.sampler.load_state_dict(extra["sampler"])
@@ -222,24 +197,6 @@ class Trainer:
             self.sampler.step = self.step
         log.info(f"resumed from {path} at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})")
         return dict(extra.get("config") or {})
-
-    def _load_newest_readable(self, path: Path, fall_back: bool) -> tuple[Path, dict]:
-        """Load ``path``; when it is unreadable (torn, empty) and ``fall_back``, the newest readable
-        step checkpoint of the folder instead, saying so."""
-        tried = []
-        for cand in [path] + ([p for p in self.ckpt.older() if p.resolve() != path.resolve()] if fall_back else []):
-            try:
-                extra = load_training_checkpoint(cand, self.model, self.optimizer)
-            except CheckpointUnreadable as e:
-                if not fall_back:
-                    raise
-                tried.append(str(e))
-                continue
-            if tried:
-                log.warning(f"{'; '.join(tried)}: resuming from the newest readable checkpoint, {cand}")
-            return cand, extra
-        raise CheckpointError(f"no readable checkpoint in {self.run_dir}: {'; '.join(tried)}; start a new run folder "
-                              f"or set run.resume=null to start this one afresh")
 
     # -- checkpoints
     def train_state(self) -> dict:

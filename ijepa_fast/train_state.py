@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import resolve, rng_state, save_atomic, set_rng_state
+from .checkpoint import load_training_checkpoint, resolve, rng_state, save_atomic, set_rng_state
+from .errors import CheckpointError, CheckpointUnreadable
+from .runlog import log
 
 
 class CheckpointManager:
@@ -109,3 +111,32 @@ def load_sharded(path: Path, model, optimizer, rank: int = 0) -> dict:
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))
     return torch.load(path / "train.pt", weights_only=True)
+
+
+def load_for_resume(manager: CheckpointManager, spec: str | None, model, optimizer, rank: int = 0
+                    ) -> tuple[Path, dict] | None:
+    """Load the checkpoint ``spec`` (``run.resume``) names into ``model`` / ``optimizer``: ``auto``
+    is the run folder's newest readable one (an unreadable, torn latest falls back to the newest
+    readable step checkpoint, saying so), a path is that checkpoint, None nothing. Returns (the
+    file loaded, its resume state: ``load_training_checkpoint``'s or train.pt's), or None."""
+    path = manager.find_latest() if spec == "auto" else (Path(spec) if spec else None)
+    if path is None:
+        return None
+    path = resolve(path)
+    if is_sharded(path):
+        return path, load_sharded(path, model, optimizer, rank)
+    fall_back = spec == "auto"
+    tried = []
+    for cand in [path] + ([p for p in manager.older() if p.resolve() != path.resolve()] if fall_back else []):
+        try:
+            extra = load_training_checkpoint(cand, model, optimizer)
+        except CheckpointUnreadable as e:
+            if not fall_back:
+                raise
+            tried.append(str(e))
+            continue
+        if tried:
+            log.warning(f"{'; '.join(tried)}: resuming from the newest readable checkpoint, {cand}")
+        return cand, extra
+    raise CheckpointError(f"no readable checkpoint in {manager.dir}: {'; '.join(tried)}; start a new run folder or "
+                          f"set run.resume=null to start this one afresh")

@@ -184,3 +184,21 @@ _IMPLS = {"flash_attn": _flash, "torch_varlen": _torch, "xformers": _xf, "nested
 def attention_varlen(q, k, v, meta: VarlenMeta, backend: str = "auto", nested_ok: bool = True):
     """Attention within each packed sequence; see the module docstring."""
     return _IMPLS[resolve(backend, q, nested_ok)](q, k, v, meta)
+
+
+def describe(attn: str, layout: str, varlen_attn: str, device: torch.device, half: bool) -> str:
+    """One log line: which attention runs for dense batches and for contexts of different lengths
+    (packed or padded, as ``layout`` decides on ``device``; ``half``: bf16 compute there)."""
+    probe = torch.empty(0, device=device, dtype=torch.bfloat16 if half else torch.float32)
+    why = ""
+    if layout == "auto":
+        fused = [b for b in ("flash_attn", "torch_varlen", "xformers")
+                 if available(b, torch.empty(0, device=device, dtype=torch.bfloat16))]
+        layout = "packed" if fused else "padded"
+        why = (" (model.layout=auto: a fused variable-length attention kernel runs here)" if fused else
+               " (model.layout=auto: packing needs a fused variable-length attention kernel, flash-attn, PyTorch's "
+               "varlen_attn or xformers on CUDA)")
+    if layout == "packed":
+        return (f"attention: {attn} for dense batches; contexts of different lengths packed, attention "
+                f"{resolve(varlen_attn, probe)}{why}")
+    return f"attention: {attn}; contexts of different lengths padded, with key masks{why}"
