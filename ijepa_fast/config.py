@@ -122,8 +122,8 @@ class OptimConfig:
     lr_scaling: str = opt("none", "'none': the learning rates as given (the published recipes were tuned for a global "
                           "batch of 2048); 'linear': multiplied by global batch / optim.base_batch", ("none", "linear"))
     base_batch: int = opt(2048, "the global batch the learning rates are given for (lr_scaling=linear)")
-    on_nonfinite: str = opt("stop", "a NaN or infinite loss: 'stop' (checkpoint intact, clear message) or 'skip' "
-                            "the step (at most 10 in a row)", ("stop", "skip"))
+    on_nonfinite: str = opt("stop", "a NaN or infinite loss or gradient: 'stop' (checkpoint intact, clear message) "
+                            "or 'skip' the step (at most 10 in a row)", ("stop", "skip"))
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")
 
