@@ -147,6 +147,19 @@ def broadcast_params(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
+def data_parallel(run_model, master, strategy: str, device: torch.device, static_graph: bool = True):
+    """How the step runs over processes: (the module to call for the loss, a gradient reduction
+    for ``train_step`` or None). With bf16 compute weights (``master``, a ``perf.MasterWeights``)
+    under DDP, the fp32 master gradients are averaged in fp32 by ``all_reduce_grads`` after the
+    last micro-batch (rank 0's weights broadcast first, as DDP would); otherwise ``wrap``."""
+    if master is not None and strategy == "ddp" and active():
+        broadcast_params(master.master)
+        log.info("data parallel: the fp32 master gradients are averaged in fp32 (one all-reduce per 64 MB bucket, "
+                 "after the last micro-batch)")
+        return run_model, all_reduce_grads
+    return wrap(run_model, strategy, device, static_graph), None
+
+
 def wrap(model, strategy: str, device: torch.device, static_graph: bool = True):
     """The module to run the loss through: DDP or FSDP2 around ``model`` (an IJEPA), or ``model``."""
     if strategy == "none" or not active():

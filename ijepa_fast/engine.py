@@ -54,12 +54,8 @@ class Engine(nn.Module):
         self.sampler = MultiBlockSampler(model.grid, mask or MaskConfig(), seed=seed, rank=rank, world=world)
         p = perf or PerfConfig()
         run_model, self.master = apply_perf(self.model, p, self.device)
-        self.grad_reduce = None
-        if self.master is not None and world > 1:  # fp32 gradients, averaged in fp32 (see distributed)
-            distributed.broadcast_params(self.model)
-            forward, self.grad_reduce = run_model, distributed.all_reduce_grads
-        else:
-            forward = distributed.wrap(run_model, "ddp" if world > 1 else "none", self.device, accum_steps == 1)
+        forward, self.grad_reduce = distributed.data_parallel(run_model, self.master, "ddp" if world > 1 else "none",
+                                                              self.device, accum_steps == 1)
         self._wrapped = (forward,)  # a tuple: the wrapper (or bf16 copy) is not a second child module
         self.optimizer = optimizer or make_optimizer(self.model, lr=lr, weight_decay=weight_decay, betas=betas,
                                                      eps=eps, impl=optimizer_impl(p, self.device))

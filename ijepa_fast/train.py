@@ -11,11 +11,6 @@ from __future__ import annotations
 import math
 import os
 import shlex
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +33,11 @@ from .runlog import MetricsWriter, Progress, close_logging, log, open_file_log, 
 from .schedules import Schedules
 from .step import make_optimizer, train_step
 from .train_state import CheckpointManager, load_for_resume
+
+try:
+    import resource  # peak memory of the process on the CPU
+except ImportError:  # not on Windows
+    resource = None
 
 MAX_SKIPPED_IN_A_ROW = 10
 
@@ -143,14 +143,8 @@ class Trainer:
         self.strategy = strategy if self.world > 1 else "none"
         self._describe()
         self.run_model, self.master = perf.apply(self.model, c.perf, self.device)
-        self.grad_reduce = None
-        if self.master is not None and self.strategy == "ddp":  # fp32 gradients reduced in fp32 (see distributed)
-            distributed.broadcast_params(self.model)
-            self.forward, self.grad_reduce = self.run_model, distributed.all_reduce_grads
-            log.info("data parallel: the fp32 master gradients are averaged in fp32 (one all-reduce per 64 MB "
-                     "bucket, after the last micro-batch)")
-        else:
-            self.forward = distributed.wrap(self.run_model, self.strategy, self.device, c.optim.accum_steps == 1)
+        self.forward, self.grad_reduce = distributed.data_parallel(self.run_model, self.master, self.strategy,
+                                                                   self.device, c.optim.accum_steps == 1)
         self.optimizer = make_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                         impl=perf.optimizer_impl(c.perf, self.device))
         if self.rank == 0:
