@@ -119,13 +119,15 @@ def cmd_bench(args) -> int:
 
 
 def _encoder(args):
-    """The checkpoint's encoder; ``args.img`` defaults to the resolution it was trained at."""
+    """The checkpoint's encoder, read once per command (probe uses it for both splits); ``args.img``
+    defaults to the resolution it was trained at."""
     from .checkpoint import encoder_from_checkpoint
 
-    enc = encoder_from_checkpoint(args.checkpoint, args.which, args.num_heads)
-    if args.img is None:
-        args.img = enc.patch_size * enc.grid[0]
-    return enc
+    if getattr(args, "encoder", None) is None:
+        args.encoder = encoder_from_checkpoint(args.checkpoint, args.which, args.num_heads)
+        if args.img is None:
+            args.img = args.encoder.patch_size * args.encoder.grid[0]
+    return args.encoder
 
 
 def _device(args):
