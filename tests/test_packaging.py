@@ -72,3 +72,18 @@ def test_installed_package_imports_every_module():
     for name in mods:
         importlib.import_module(name)
     assert len(mods) > 30
+
+
+def test_plain_install_pulls_no_integration_library(wheel):
+    """``pip install ijepa-fast`` alone brings none of the trainer, logger, export or data libraries:
+    each is an extra, imported only when its feature is chosen."""
+    names = zipfile.ZipFile(wheel).namelist()
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    plain = [r for r in requires if "extra ==" not in r]
+    assert any(r.startswith("torch") for r in plain), plain  # the metadata was read right
+    heavy = ("timm", "transformers", "lightning", "pytorch-lightning", "tensorboard", "wandb", "webdataset",
+             "torchao", "triton", "nvidia-dali", "torchvision", "scikit-learn")
+    pulled = [r for r in plain if r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
+              .lower() in heavy or r.lower().startswith("nvidia-dali")]
+    assert not pulled, f"a plain install would pull {pulled}"
