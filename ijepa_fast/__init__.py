@@ -46,7 +46,7 @@ if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isdir(os.path.j
 _EXPORTS = {
     "IJEPA": "model", "jepa_loss": "model", "make_optimizer": "step", "param_groups": "step",
     "train_step": "step", "StepResult": "step",
-    "MaskBatch": "masks", "MultiBlockSampler": "masks",
+    "MaskBatch": "masks", "MultiBlockSampler": "masks", "MaskCollator": "masks",
     "Schedules": "schedules", "warmup_cosine_lr": "schedules", "cosine_weight_decay": "schedules",
     "ema_momentum": "schedules",
     "Config": "config", "ModelConfig": "config", "DataConfig": "config", "MaskConfig": "config",

@@ -1,0 +1,71 @@
+"""torch.hub entry points: I-JEPA encoders, with weights read only from a local checkpoint file.
+
+    import torch
+    encoder = torch.hub.load("/path/to/ijepa-fast", "vit_huge14", source="local", checkpoint="vith14.pth.tar")
+    features = encoder(images)                                   # [B, tokens, 1280]
+
+Every entry point takes ``checkpoint=PATH`` (one of ours or a published one; a sharded folder
+too) and ``which="target_encoder"`` (the encoder I-JEPA evaluates) or ``"encoder"`` (the context
+encoder). Nothing is ever downloaded: without ``checkpoint`` the encoder is freshly initialised.
+``encoder`` reads the architecture off any checkpoint; the named sizes also check the
+checkpoint is that size (``img_size`` only sizes a fresh encoder). Extra keywords go to
+``VisionTransformer`` (e.g. ``attn_impl="math"``).
+"""
+dependencies = ["torch"]
+
+
+def encoder(checkpoint, which: str = "target_encoder", num_heads: int | None = None, **kw):
+    """The encoder of any I-JEPA checkpoint, its architecture read off the weights."""
+    from ijepa_fast.checkpoint import encoder_from_checkpoint
+
+    return encoder_from_checkpoint(checkpoint, which, num_heads, **kw).eval()
+
+
+def _named(name: str, patch_size: int, checkpoint, which: str, img_size, kw):
+    from ijepa_fast.errors import CheckpointError
+    from ijepa_fast.models import VIT_SIZES, build_encoder
+
+    if checkpoint is None:
+        return build_encoder(name, img_size, patch_size, **kw).eval()
+    enc = encoder(checkpoint, which, VIT_SIZES[name].heads, **kw)
+    size = VIT_SIZES[name]
+    found = (enc.embed_dim, len(enc.blocks), enc.patch_size)
+    if found != (size.dim, size.depth, patch_size):
+        raise CheckpointError(f"{checkpoint} holds a width {found[0]}, depth {found[1]}, patch {found[2]} encoder, "
+                              f"not {name} with patch {patch_size}; load it with the 'encoder' entry point")
+    return enc
+
+
+def vit_tiny16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
+    """ViT-Tiny, patch 16."""
+    return _named("vit_tiny", 16, checkpoint, which, img_size, kw)
+
+
+def vit_small16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
+    """ViT-Small, patch 16."""
+    return _named("vit_small", 16, checkpoint, which, img_size, kw)
+
+
+def vit_base16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
+    """ViT-Base, patch 16."""
+    return _named("vit_base", 16, checkpoint, which, img_size, kw)
+
+
+def vit_large16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
+    """ViT-Large, patch 16."""
+    return _named("vit_large", 16, checkpoint, which, img_size, kw)
+
+
+def vit_huge14(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
+    """ViT-Huge, patch 14 (the released IN-1k and IN-22k checkpoints)."""
+    return _named("vit_huge", 14, checkpoint, which, img_size, kw)
+
+
+def vit_huge16(checkpoint=None, which: str = "target_encoder", img_size=448, **kw):
+    """ViT-Huge, patch 16 (the released 448 px checkpoint)."""
+    return _named("vit_huge", 16, checkpoint, which, img_size, kw)
+
+
+def vit_giant16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
+    """ViT-Giant, patch 16 (the released IN-22k checkpoint)."""
+    return _named("vit_giant", 16, checkpoint, which, img_size, kw)
