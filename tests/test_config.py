@@ -43,6 +43,19 @@ def test_config_overrides_and_types():
     assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
 
 
+@pytest.mark.parametrize("override,loggers", [
+    ("run.loggers=[jsonl,tensorboard]", ["jsonl", "tensorboard"]),
+    ("run.loggers=[wandb, tensorboard]", ["wandb", "tensorboard"]),
+    ("run.loggers=tensorboard", ["tensorboard"]),
+    ("run.loggers=jsonl,wandb", ["jsonl", "wandb"]),
+    ("run.loggers=[]", [])])
+def test_config_loggers_list_overrides(override, loggers):
+    assert Config().run.loggers == ["jsonl"]
+    c = load_config("demo_cpu", [override])
+    assert c.run.loggers == loggers
+    assert yaml.safe_load(yaml.safe_dump(c.to_dict()))["run"]["loggers"] == loggers  # config.yaml round trip
+
+
 @pytest.mark.parametrize("override,needle", [
     ("optim.lrr=1", "'optim.lrr'.*did you mean 'lr'"),
     ("optimizer.lr=1", "'optimizer'"),
@@ -53,6 +66,10 @@ def test_config_overrides_and_types():
     ("data.hflip=maybe", "data.hflip: expected true or false"),
     ("data.crop_size=225", "data.crop_size: 225 is not a multiple of model.patch_size"),
     ("nokey", "not of the form"),
+    ("run.loggers=[jsonl,mlflow]", "run.loggers: 'mlflow' is not one of"),
+    ("run.loggers=[tensorboard,tensorboard]", "run.loggers: names a logger twice"),
+    ("run.loggers={a: 1}", "run.loggers: expected a list"),
+    ("run.wandb_mode=cloud", "run.wandb_mode: 'cloud' is not one of"),
 ])
 def test_config_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle):
