@@ -21,6 +21,7 @@ from .config_reference import is_reference_config, translate_reference_config
 from .config_validate import validate
 from .errors import ConfigError
 from .kernels.jepa_loss import KINDS as LOSSES
+from .loggers import CHOICES as LOGGERS
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "MaskConfig", "ModelConfig", "OptimConfig",
            "PerfConfig", "RunConfig", "describe", "dump_config", "load_config"]
@@ -173,6 +174,14 @@ class RunConfig:
     collapse_rank: float = opt(0.25, "warn when their effective rank falls below this fraction of its first value")
     progress: bool = opt(True, "show a progress bar")
     plot: bool = opt(True, "write loss.png into the run folder")
+    loggers: list[str] = opt(["jsonl"], "where metric rows go: metrics.jsonl (and .csv) are always written; add "
+                             "'tensorboard' (<run folder>/tensorboard) or 'wandb' (Weights & Biases), e.g. "
+                             "run.loggers=[jsonl,tensorboard]", LOGGERS)
+    wandb_project: str = opt("ijepa-fast", "Weights & Biases project (run.loggers has wandb)")
+    wandb_entity: str | None = opt(None, "Weights & Biases entity (null = the account's default)")
+    wandb_mode: str = opt("auto", "Weights & Biases mode: 'auto' = $WANDB_MODE, else online; 'offline' writes "
+                          "only into the run folder (upload later with `wandb sync`)",
+                          ("auto", "online", "offline", "disabled"))
 
 
 @dataclass
@@ -206,6 +215,12 @@ def _coerce(key: str, value, tp):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
         return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin is list:  # a YAML list, or one name / comma-separated names on the command line
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
@@ -265,8 +280,9 @@ def merge(obj, values: dict, prefix: str = "") -> None:
             continue
         new = _coerce(full, value, hints[key])
         choices = fields[key].metadata.get("choices")
-        if choices and new not in choices:
-            raise ConfigError(f"{full}: {new!r} is not one of {', '.join(map(repr, choices))}")
+        for item in (new if isinstance(new, list) else [new]):
+            if choices and item not in choices:
+                raise ConfigError(f"{full}: {item!r} is not one of {', '.join(map(repr, choices))}")
         setattr(obj, key, new)
 
 

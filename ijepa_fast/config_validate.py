@@ -114,4 +114,6 @@ def _run(r) -> None:
     _need(r.monitor_images >= 2, "run.monitor_images", f"must be at least 2, got {r.monitor_images}")
     _need(r.collapse_std >= 0, "run.collapse_std", f"must be 0 or more, got {r.collapse_std}")
     _need(0 <= r.collapse_rank <= 1, "run.collapse_rank", f"must be in [0, 1], got {r.collapse_rank}")
+    _need(len(set(r.loggers)) == len(r.loggers), "run.loggers", f"names a logger twice: {list(r.loggers)}")
+    _need(bool(r.wandb_project), "run.wandb_project", "must be a non-empty project name")
     _need(bool(r.tag) and "/" not in r.tag, "run.tag", f"must be a non-empty file-name prefix, got {r.tag!r}")

@@ -24,12 +24,13 @@ from .config import Config
 from .data import build_loader, build_source
 from .errors import DataError, TrainingStopped
 from .kernels.dispatch import describe as describe_kernels
+from .loggers import check_available, open_loggers
 from .masks import MultiBlockSampler
 from .model import IJEPA
 from .models.varlen import describe as describe_attention
 from .monitor import CollapseMonitor
 from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_config, remove_if_created
-from .runlog import MetricsWriter, Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
+from .runlog import Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import make_optimizer, train_step
 from .train_state import CheckpointManager, load_for_resume
@@ -75,6 +76,7 @@ class Trainer:
         ``resume_command``: the command line that continues this run, for messages (the CLI's)."""
         self.cfg = cfg
         self.resume_command = resume_command
+        check_available(cfg.run.loggers)  # a chosen logger that is not installed: an error before any work
         self._setup_process(env)
         self._setup_run_folder(config_name)
         try:  # a failure here leaves nothing behind: no config.yaml rewritten, no new run folder
@@ -228,10 +230,11 @@ class Trainer:
             log.info(f"nothing to do: the run is at step {self.step} of {stop}")
             return self.run_dir
         loader = self.make_loader(stop)
-        writer = MetricsWriter(self.run_dir, self.step) if self.rank == 0 else None
         self.monitor = CollapseMonitor(self.source, c.data.crop_size, c.run, seed=c.run.seed, device=self.device)
+        writer = open_loggers(c, self.run_dir, self.step) if self.rank == 0 else None  # metrics.jsonl and others
         bar = Progress(stop, self.step, c.run.progress and self.rank == 0)
         loop = _Loop(first=self.step, t_start=time.time(), t_last=time.time(), logged_at=self.step)
+        ended = "failed"  # how the loggers see the run end: finished, stopped (a signal) or failed
         with distributed.StopSignals() as signals:
             try:
                 for batch in loader:
@@ -243,9 +246,13 @@ class Trainer:
                         self._save(loop, loop.losses[-self.steps_per_epoch:])
                     if distributed.any_rank(signals.received is not None, self.device):
                         self._stop_on_signal(signals.received, loop)
+                        ended = "stopped"
                         return self.run_dir
+                ended = "finished"
             finally:
                 bar.close()
+                if writer:
+                    writer.close(ended)
         if loop.saved_at != self.step:
             self._save(loop, loop.losses[-50:])
         self._summary(loop)

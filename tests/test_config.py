@@ -4,6 +4,7 @@ import yaml
 from ijepa_fast.config import Config, ConfigError, config_dir, describe, load_config, parse_override
 
 PUBLISHED = ["in1k_vith14_ep300", "in1k_vith16-448_ep300", "in22k_vith14_ep66", "in22k_vitg16_ep44"]
+SIZES = ["in1k_vits16", "in1k_vitb16", "in1k_vitl16"]  # recipes from the literature (and ours where it has none)
 
 
 def test_config_defaults_are_the_vith14_recipe():
@@ -27,6 +28,33 @@ def test_config_published_recipes(name, model, patch, crop, batch, epochs, warmu
     assert c.mask.mode == "reference" and c.mask.min_keep == 10  # the released sampler
 
 
+@pytest.mark.parametrize("name,model,pred_depth,pred_dim,per_gpu,gpus", [
+    ("in1k_vits16", "vit_small", 6, 192, 256, 8),
+    ("in1k_vitb16", "vit_base", 6, 384, 256, 8),
+    ("in1k_vitl16", "vit_large", 12, 384, 128, 16)])
+def test_config_in1k_size_recipes(name, model, pred_depth, pred_dim, per_gpu, gpus):
+    """The ViT-S/B/L recipes: their sizes, the StoP schedule, a global batch of 2048 as the header says, and a
+    source named beside every model, data, mask and optim value."""
+    import re
+
+    c = load_config(name)
+    assert (c.model.name, c.model.patch_size, c.model.pred_depth, c.model.pred_dim) == (model, 16, pred_depth, pred_dim)
+    o = c.optim
+    assert (o.epochs, o.warmup, o.start_lr, o.lr, o.final_lr) == (600, 15, 2e-4, 8e-4, 1e-4)
+    assert (c.optim.weight_decay, c.optim.final_weight_decay, c.optim.ema) == (0.04, 0.4, (0.996, 1.0))
+    assert c.data.batch_size == per_gpu and per_gpu * gpus == c.optim.base_batch == 2048
+    assert c.mask.mode == "reference" and c.data.hflip is False and c.optim.lr_scaling == "none"
+    text = (config_dir() / f"{name}.yaml").read_text()
+    assert f"global batch 2048 ({gpus} GPUs x {per_gpu})" in text.splitlines()[0]
+    section = None
+    for line in text.splitlines():
+        if re.match(r"^\w+:", line):
+            section = line.rstrip(":")
+        elif (m := re.match(r"^  (\w+): ", line)) and section in ("model", "data", "mask", "optim"):
+            if (section, m.group(1)) not in (("data", "source"), ("data", "path")):
+                assert re.search(r"#.*(\[StoP\]|\[released\]|ours)", line), f"{name}: no source for {line.strip()!r}"
+
+
 def test_config_seed_article_variant():
     c = load_config("seed_article_vith14")
     assert (c.optim.loss, c.optim.ema_schedule, c.data.hflip, c.optim.warmup) == ("mse", "cosine", True, 15)
@@ -43,6 +71,19 @@ def test_config_overrides_and_types():
     assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
 
 
+@pytest.mark.parametrize("override,loggers", [
+    ("run.loggers=[jsonl,tensorboard]", ["jsonl", "tensorboard"]),
+    ("run.loggers=[wandb, tensorboard]", ["wandb", "tensorboard"]),
+    ("run.loggers=tensorboard", ["tensorboard"]),
+    ("run.loggers=jsonl,wandb", ["jsonl", "wandb"]),
+    ("run.loggers=[]", [])])
+def test_config_loggers_list_overrides(override, loggers):
+    assert Config().run.loggers == ["jsonl"]
+    c = load_config("demo_cpu", [override])
+    assert c.run.loggers == loggers
+    assert yaml.safe_load(yaml.safe_dump(c.to_dict()))["run"]["loggers"] == loggers  # config.yaml round trip
+
+
 @pytest.mark.parametrize("override,needle", [
     ("optim.lrr=1", "'optim.lrr'.*did you mean 'lr'"),
     ("optimizer.lr=1", "'optimizer'"),
@@ -53,6 +94,10 @@ def test_config_overrides_and_types():
     ("data.hflip=maybe", "data.hflip: expected true or false"),
     ("data.crop_size=225", "data.crop_size: 225 is not a multiple of model.patch_size"),
     ("nokey", "not of the form"),
+    ("run.loggers=[jsonl,mlflow]", "run.loggers: 'mlflow' is not one of"),
+    ("run.loggers=[tensorboard,tensorboard]", "run.loggers: names a logger twice"),
+    ("run.loggers={a: 1}", "run.loggers: expected a list"),
+    ("run.wandb_mode=cloud", "run.wandb_mode: 'cloud' is not one of"),
 ])
 def test_config_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -112,7 +157,7 @@ def test_config_reference_yaml_errors(tmp_path):
 
 def test_config_every_builtin_loads_and_describe_documents_every_option():
     names = sorted(p.stem for p in config_dir().glob("*.yaml"))
-    assert set(PUBLISHED + ["demo_cpu", "seed_article_vith14"]) <= set(names)
+    assert set(PUBLISHED + SIZES + ["demo_cpu", "seed_article_vith14"]) <= set(names)
     for n in names:
         load_config(n)
     text = describe()

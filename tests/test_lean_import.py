@@ -24,7 +24,8 @@ s = MultiBlockSampler(m.grid, MaskConfig(min_keep=2))
 r = train_step(m, make_optimizer(m), torch.randn(2, 3, 32, 32), s(2), 0, Schedules(10, 1, warmup=0.1), precision='auto')
 assert r.loss > 0
 assert not torch.cuda.is_initialized()
-optional = ['numpy', 'yaml', 'PIL', 'triton', 'matplotlib', 'tqdm', 'safetensors', 'flash_attn', 'xformers', 'apex']
+optional = ['numpy', 'yaml', 'PIL', 'triton', 'matplotlib', 'tqdm', 'safetensors', 'flash_attn', 'xformers', 'apex',
+            'tensorboard', 'wandb']
 print('lean ok', sorted(k for k in sys.modules if k.split('.')[0] in optional))
 """
 
