@@ -138,8 +138,10 @@ class PerfConfig:
                                          "(less memory, about a third more compute)")
     compile: bool = opt(False, "torch.compile each transformer block (dynamic shapes: no recompiles as lengths "
                         "change)")
-    optimizer: str = opt("auto", "AdamW implementation: 'auto' = fused on CUDA, foreach elsewhere",
-                         ("auto", "fused", "foreach", "single"))
+    optimizer: str = opt("auto", "AdamW implementation: 'fused', 'foreach', 'single' (torch), or 'fused_tail' (AdamW, "
+                         "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused_tail on "
+                         "CUDA with bf16_weights, fused on CUDA otherwise, foreach elsewhere",
+                         ("auto", "fused", "foreach", "single", "fused_tail"))
 
 
 @dataclass

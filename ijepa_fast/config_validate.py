@@ -42,6 +42,8 @@ def validate(cfg) -> None:
     _run(cfg.run)
     _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.bf16_weights), "perf.bf16_weights",
           "FSDP has its own bf16 parameters: leave perf.bf16_weights off with dist.strategy=fsdp")
+    _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.optimizer == "fused_tail"), "perf.optimizer",
+          "the fused tail works on whole parameters, not FSDP shards: use perf.optimizer=auto with dist.strategy=fsdp")
 
 
 def _model(m, d) -> None:

@@ -22,7 +22,7 @@ from .config import MaskConfig, PerfConfig
 from .masks import MaskBatch, MultiBlockSampler
 from .model import IJEPA
 from .perf import apply as apply_perf
-from .perf import optimizer_impl
+from .perf import fused_tail, optimizer_impl
 from .schedules import Schedules
 from .step import StepResult, make_optimizer, train_step
 
@@ -59,6 +59,7 @@ class Engine(nn.Module):
         self._wrapped = (forward,)  # a tuple: the wrapper (or bf16 copy) is not a second child module
         self.optimizer = optimizer or make_optimizer(self.model, lr=lr, weight_decay=weight_decay, betas=betas,
                                                      eps=eps, impl=optimizer_impl(p, self.device))
+        self.tail = fused_tail(self.model, self.optimizer, self.master, p, self.device)
         self.next_step = 0  # the step the next call trains (the schedules' and the sampler's index)
 
     def forward(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
@@ -86,7 +87,7 @@ class Engine(nn.Module):
         result = train_step(self.model, self.optimizer, images.to(self.device, non_blocking=True), masks, step,
                             self.schedules, precision=self.precision, grad_clip=self.grad_clip, master=self.master,
                             forward=self._wrapped[0], accum_steps=self.accum_steps, agree=agree,
-                            grad_reduce=self.grad_reduce)
+                            grad_reduce=self.grad_reduce, tail=self.tail)
         self.next_step = step + 1
         return result
 

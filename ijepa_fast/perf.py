@@ -109,13 +109,34 @@ def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeight
     if perf.compile:
         compile_blocks(run)
     enabled = [k for k in ("bf16_weights", "activation_checkpointing", "compile") if getattr(perf, k)]
-    log.info(f"performance switches: {', '.join(enabled) if enabled else 'none (the plain step)'}; "
-             f"optimiser {optimizer_impl(perf, device)}")
+    tail = " (AdamW, the target EMA and the bf16 copy in one fused pass per group)" if perf.bf16_weights \
+        else " (AdamW and the target EMA in one fused pass per group)"
+    log.info(f"performance switches: {', '.join(enabled) if enabled else 'none (the plain step)'}; optimiser "
+             + (f"fused_tail{tail}" if uses_fused_tail(perf, device) else optimizer_impl(perf, device)))
     return run, master
 
 
+def uses_fused_tail(perf, device: torch.device) -> bool:
+    """``perf.optimizer='fused_tail'``, or 'auto' on CUDA with ``bf16_weights``."""
+    return perf.optimizer == "fused_tail" or (perf.optimizer == "auto" and device.type == "cuda"
+                                              and bool(perf.bf16_weights))
+
+
 def optimizer_impl(perf, device: torch.device) -> str:
-    """'fused', 'foreach' or 'single' (``perf.optimizer='auto'``: fused on CUDA)."""
-    if perf.optimizer != "auto":
+    """The torch AdamW implementation: 'fused', 'foreach' or 'single' (``perf.optimizer='auto'``:
+    fused on CUDA). Under the fused tail, the AdamW that holds the state (never stepped itself)."""
+    if perf.optimizer not in ("auto", "fused_tail"):
         return perf.optimizer
     return "fused" if device.type == "cuda" else "foreach"
+
+
+def fused_tail(model: IJEPA, optimizer, master: MasterWeights | None, perf, device: torch.device):
+    """The ``tail.FusedTail`` that ``train_step`` runs instead of optimizer.step + update_target +
+    sync_params, or None when ``perf`` does not choose it."""
+    if not uses_fused_tail(perf, device):
+        return None
+    if perf.optimizer == "auto" and type(optimizer) is not torch.optim.AdamW:  # someone else's optimiser
+        return None
+    from .tail import FusedTail
+
+    return FusedTail(model, optimizer, master)

@@ -57,11 +57,36 @@ def make_optimizer(model: IJEPA, *, lr: float = 1e-3, weight_decay: float = 0.04
 
 @dataclass
 class StepResult:
-    loss: float
+    """The step's values; with ``train_step(sync=False)`` and the fused tail, ``loss`` and
+    ``grad_norm`` are device tensors and ``skipped`` a device flag (nonzero: the step was not
+    finite and changed nothing), read later with ``read_results``."""
+
+    loss: float | torch.Tensor
     lr: float
     wd: float
     momentum: float
-    grad_norm: float | None
+    grad_norm: float | torch.Tensor | None
+    skipped: torch.Tensor | None = None
+
+    @property
+    def deferred(self) -> bool:
+        return isinstance(self.loss, torch.Tensor)
+
+
+def read_results(results: list[tuple[int, StepResult]]) -> list[StepResult]:
+    """Deferred step results ``[(step, result)]`` read in one host synchronisation, as plain numbers.
+    Raises FloatingPointError naming the first skipped (non-finite) step."""
+    if not results:
+        return []
+    nan = torch.full((), float("nan"), device=results[0][1].loss.device)
+    rows = torch.stack([torch.stack([r.loss.float(), (r.grad_norm if r.grad_norm is not None else nan).float(),
+                                     r.skipped.float()]) for _, r in results]).tolist()
+    out = []
+    for (step, r), (value, norm, skipped) in zip(results, rows):
+        if skipped:
+            raise FloatingPointError(_nonfinite_message(value, norm, step))
+        out.append(StepResult(value, r.lr, r.wd, r.momentum, norm if r.grad_norm is not None else None))
+    return out
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -85,7 +110,8 @@ def micro_batches(images: torch.Tensor, masks, n: int):
 @keyword_only(6, ("precision", "grad_clip", "master", "forward", "accum_steps", "agree"))
 def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Tensor, masks: MaskBatch | PackedMasks,
                step: int, schedules, *, precision: str = "auto", grad_clip: float | None = None,
-               master=None, forward=None, accum_steps: int = 1, agree=None, grad_reduce=None) -> StepResult:
+               master=None, forward=None, accum_steps: int = 1, agree=None, grad_reduce=None, tail=None,
+               sync: bool = True, halt: torch.Tensor | None = None) -> StepResult:
     """One step: set LR/WD, forward, backward, (clip), AdamW, EMA update of the target encoder.
 
     ``master``: a ``perf.MasterWeights`` whose fp32 ``master`` is ``model`` (the optimiser's): the
@@ -98,18 +124,27 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
     every process reach the same verdict on finiteness (the distributed trainer passes an
     all-reduce).
 
+    ``tail``: a ``tail.FusedTail``: AdamW, the EMA and the compute-copy refresh run as one fused
+    pass (clipping folded in as a gradient scale); with one micro-batch and no ``grad_reduce`` it
+    reads the compute copy's bf16 gradients directly (no fp32 master gradients are made).
+
     Raises FloatingPointError, before the optimiser or the target encoder is touched (gradients
     cleared), when the loss or any gradient is not finite. One host synchronisation per step reads
-    the loss and the gradient norm together.
+    the loss and the gradient norm together. ``sync=False`` (with ``tail`` and no ``agree`` only;
+    otherwise ignored): no host synchronisation; finiteness is decided on the device, a non-finite
+    step is skipped there (neither AdamW nor the EMA writes anything) and the result holds device
+    tensors (``read_results`` reads them). ``halt``: a device flag that a non-finite step sets and
+    that skips every later step while set (so the state stays that of the last good step).
     """
     lr, wd = schedules.apply(optimizer, step)
     runner = forward or (master.compute if master is not None else model)
     parts = micro_batches(images, masks, accum_steps)
+    direct = tail is not None and master is not None and len(parts) == 1 and grad_reduce is None
     losses = []
     for i, (x, m) in enumerate(parts):
         last = i == len(parts) - 1
-        sync = runner.no_sync() if not last and hasattr(runner, "no_sync") else contextlib.nullcontext()
-        with sync:
+        quiet = runner.no_sync() if not last and hasattr(runner, "no_sync") else contextlib.nullcontext()
+        with quiet:
             if master is not None:
                 loss = runner(x.to(master.dtype), m)
             else:
@@ -119,12 +154,16 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
             loss = loss / len(parts)
             loss.backward()
         losses.append(loss.detach().float())
-        if master is not None:
+        if master is not None and not direct:
             master.sync_grads(accumulate=i > 0)  # micro-batches add up in fp32, never in bf16
     params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
     if grad_reduce is not None:
         grad_reduce(params)
-    value, norm, sharded = _loss_and_grad_norm(losses, params)
+    momentum = schedules.momentum_at(step)
+    if tail is not None and not sync and agree is None:
+        return _deferred_tail(tail, losses, params, grad_clip, momentum, direct, halt, runner, (lr, wd))
+    value_t, norm_t, sharded = _loss_and_norm_tensors(losses, _grad_tensors(params, tail, direct))
+    value, norm = torch.stack([value_t, norm_t]).tolist()  # the step's one host synchronisation
     finite = math.isfinite(value) and math.isfinite(norm)
     if agree is not None:
         finite = agree(finite)
@@ -133,29 +172,58 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
         runner.zero_grad(set_to_none=True)
         raise FloatingPointError(_nonfinite_message(value, norm, step))
     grad_norm = None if sharded else norm  # of sharded gradients, only clipping computes the global norm
+    if tail is not None:
+        scale = _clip_scale(norm_t, grad_clip) if grad_clip else None
+        tail.step(momentum, from_compute=direct, grad_scale=scale)
+        optimizer.zero_grad(set_to_none=True)
+        runner.zero_grad(set_to_none=True)
+        return StepResult(value, lr, wd, momentum, grad_norm)
     if grad_clip:
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    momentum = schedules.momentum_at(step)
     model.update_target(momentum)
     if master is not None:
         master.sync_params()
     return StepResult(value, lr, wd, momentum, grad_norm)
 
 
-def _loss_and_grad_norm(losses: list[torch.Tensor], params) -> tuple[float, float, bool]:
-    """(the summed loss, the gradients' L2 norm, whether the gradients are sharded), read in one
-    host synchronisation. Sharded (FSDP) gradients are measured on this process's shards: enough
-    to tell finite from not, but not their global norm."""
-    grads = [p.grad for p in params if p.grad is not None]
+def _clip_scale(norm: torch.Tensor, grad_clip: float) -> torch.Tensor:
+    """clip_grad_norm_'s coefficient, on the device: min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
+
+
+def _grad_tensors(params, tail, direct: bool) -> list[torch.Tensor]:
+    """The gradients the optimiser will read: the bf16 compute copy's (``direct``) or the params'."""
+    return [g for g in (tail._grad(p, direct) if tail is not None else p.grad for p in params) if g is not None]
+
+
+def _deferred_tail(tail, losses, params, grad_clip, momentum, direct, halt, runner, lr_wd) -> StepResult:
+    """The fused tail with finiteness decided on the device: no host synchronisation."""
+    value, norm, _ = _loss_and_norm_tensors(losses, _grad_tensors(params, tail, direct))
+    bad = (~(torch.isfinite(value) & torch.isfinite(norm))).float()
+    if halt is not None:
+        bad = torch.maximum(bad, halt.float())
+        halt.copy_(bad)
+    scale = _clip_scale(norm, grad_clip) if grad_clip else None
+    tail.step(momentum, from_compute=direct, grad_scale=scale, found_inf=bad)
+    tail.optimizer.zero_grad(set_to_none=True)
+    runner.zero_grad(set_to_none=True)
+    return StepResult(value, lr_wd[0], lr_wd[1], momentum, norm, skipped=bad)
+
+
+def _loss_and_norm_tensors(losses: list[torch.Tensor], grads) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(the summed loss, the gradients' L2 norm in fp32, whether the gradients are sharded), on the
+    device. Sharded (FSDP) gradients are measured on this process's shards: enough to tell finite
+    from not, but not their global norm."""
     sharded = any(hasattr(g, "to_local") for g in grads)
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     device = losses[0].device
-    norm = (torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in torch._foreach_norm(local)]))
-            if local else torch.zeros((), device=device))
-    value, norm = torch.stack([torch.stack(losses).sum(), norm]).tolist()
-    return value, norm, sharded
+    norms = torch._foreach_norm(local, dtype=torch.float32) if local else []
+    norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])) if local \
+        else torch.zeros((), device=device)
+    return torch.stack(losses).sum(), norm, sharded
+
 
 
 def _nonfinite_message(value: float, norm: float, step: int) -> str:

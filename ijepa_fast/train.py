@@ -32,7 +32,8 @@ from .monitor import CollapseMonitor
 from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_config, remove_if_created
 from .runlog import Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
 from .schedules import Schedules
-from .step import make_optimizer, train_step
+from .step import make_optimizer, read_results, train_step
+from .train_setup import resolve_device, scaled_optim
 from .train_state import CheckpointManager, load_for_resume
 
 try:
@@ -41,29 +42,6 @@ except ImportError:  # not on Windows
     resource = None
 
 MAX_SKIPPED_IN_A_ROW = 10
-
-
-def resolve_device(spec: str, env: distributed.DistEnv | None = None) -> torch.device:
-    """'auto' -> the process's GPU (cuda:LOCAL_RANK under a launcher) or the CPU."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", (env.local_rank if env else 0) % torch.cuda.device_count())
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={spec} but CUDA is not available here; use run.device=cpu or auto")
-    return dev
-
-
-def scaled_optim(cfg: Config, global_batch: int):
-    """The optimisation settings with the learning rates scaled as optim.lr_scaling says."""
-    import dataclasses
-
-    o = cfg.optim
-    if o.lr_scaling == "none":
-        return o, 1.0
-    f = global_batch / o.base_batch
-    return dataclasses.replace(o, lr=o.lr * f, start_lr=o.start_lr * f, final_lr=o.final_lr * f), f
 
 
 class Trainer:
@@ -149,6 +127,10 @@ class Trainer:
                                                                    self.device, c.optim.accum_steps == 1)
         self.optimizer = make_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                         impl=perf.optimizer_impl(c.perf, self.device))
+        self.tail = perf.fused_tail(self.model, self.optimizer, self.master, c.perf, self.device)
+        # the fused tail decides finiteness on the device: values are read only when logged or saved
+        self.deferred = self.tail is not None and c.optim.on_nonfinite == "stop" and not distributed.active()
+        self._halt = torch.zeros((), device=self.device) if self.deferred else None
         if self.rank == 0:
             check_room(self.run_dir, checkpoint_bytes(self.model))
 
@@ -240,10 +222,14 @@ class Trainer:
                 for batch in loader:
                     res = self._one_step(batch)
                     self.step = batch.step + 1
+                    if res is not None and res.deferred:
+                        loop.pending.append((batch.step, res))
+                        due = self.step % c.run.log_every == 0 or self.step == stop or self.monitor.due(self.step)
+                        res = self._settle(loop) if due else None
                     self._record(batch, res, loop, bar)
                     self._log_row(batch, res, loop, writer, stop)
                     if self._checkpoint_due():
-                        self._save(loop, loop.losses[-self.steps_per_epoch:])
+                        self._save(loop, self.steps_per_epoch)
                     if distributed.any_rank(signals.received is not None, self.device):
                         self._stop_on_signal(signals.received, loop)
                         ended = "stopped"
@@ -254,7 +240,7 @@ class Trainer:
                 if writer:
                     writer.close(ended)
         if loop.saved_at != self.step:
-            self._save(loop, loop.losses[-50:])
+            self._save(loop, 50)
         self._summary(loop)
         return self.run_dir
 
@@ -281,14 +267,29 @@ class Trainer:
             writer.write({**row, **monitored})
         loop.t_last, loop.logged_at = now, self.step
 
-    def _save(self, loop: _Loop, recent_losses) -> None:
-        self.save(_mean(recent_losses))
+    def _save(self, loop: _Loop, recent: int) -> None:
+        """Checkpoint, with the mean of the last ``recent`` losses (deferred values read first)."""
+        last = self._settle(loop)
+        if last is not None:
+            loop.losses.append(last.loss)
+        self.save(_mean(loop.losses[-recent:]))
         loop.saved_at = self.step
+
+    def _settle(self, loop: _Loop):
+        """Read the deferred step results (one host synchronisation); keep all but the last loss
+        and return the last result, or None. A non-finite step among them stops the run."""
+        pending, loop.pending = loop.pending, []
+        try:
+            done = read_results(pending)
+        except FloatingPointError as e:
+            raise self._stopped(e, "this step or the ones after it") from None
+        loop.losses.extend(r.loss for r in done[:-1])
+        return done[-1] if done else None
 
     def _stop_on_signal(self, received: str | None, loop: _Loop) -> None:
         """A preemption notice on any process: checkpoint (once) and say how to continue."""
         if loop.saved_at != self.step:
-            self._save(loop, loop.losses[-50:])
+            self._save(loop, 50)
         log.warning(f"{received or 'a stop signal on another process'}: checkpoint at step {self.step} written "
                     f"({self.ckpt.latest}); exiting. To resume: {self.resume_hint()}")
 
@@ -340,7 +341,7 @@ class Trainer:
             res = train_step(self.model, self.optimizer, images, masks, batch.step, self.schedules,
                              precision=self.cfg.run.precision, grad_clip=self.cfg.optim.grad_clip, master=self.master,
                              forward=self.forward, accum_steps=self.cfg.optim.accum_steps, agree=agree,
-                             grad_reduce=self.grad_reduce)
+                             grad_reduce=self.grad_reduce, tail=self.tail, sync=not self.deferred, halt=self._halt)
             self._skips = 0
             return res
         except FloatingPointError as e:
@@ -348,12 +349,15 @@ class Trainer:
                 self._skips += 1
                 log.warning(f"{e}: step skipped (optim.on_nonfinite=skip; {self._skips} in a row)")
                 return None
-            last = self.ckpt.find_latest()
-            where = (f"the last good checkpoint, {last}, is intact; resume from it with a lower optim.lr or "
-                     f"optim.grad_clip set: {self.resume_hint()} optim.lr=... optim.grad_clip=..." if last else
-                     "no checkpoint had been written yet; start again with a lower optim.lr or optim.grad_clip set")
-            log.error(f"{e}: stopping. Nothing was updated by this step; {where}")
-            raise TrainingStopped(f"{e}; {where}") from None
+            raise self._stopped(e, "this step") from None
+
+    def _stopped(self, e: FloatingPointError, steps: str) -> TrainingStopped:
+        last = self.ckpt.find_latest()
+        where = (f"the last good checkpoint, {last}, is intact; resume from it with a lower optim.lr or "
+                 f"optim.grad_clip set: {self.resume_hint()} optim.lr=... optim.grad_clip=..." if last else
+                 "no checkpoint had been written yet; start again with a lower optim.lr or optim.grad_clip set")
+        log.error(f"{e}: stopping. Nothing was updated by {steps}; {where}")
+        return TrainingStopped(f"{e}; {where}")
 
     def _row(self, batch, res, sec_per_step: float, skipped: int) -> dict:
         ctx, tgt = batch.masks.mean_tokens()
@@ -381,6 +385,7 @@ class _Loop:
     t_last: float  # when the last metrics row was written
     logged_at: int  # the step of the last metrics row
     losses: list = field(default_factory=list)
+    pending: list = field(default_factory=list)  # deferred (step, StepResult) not read yet
     skipped_images: int = 0
     saved_at: int = -1  # the step of the last checkpoint this loop wrote
 

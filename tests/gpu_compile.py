@@ -51,6 +51,7 @@ class _Driver:
 def install(arch: int) -> list[str]:
     """Compile-only launches for ``arch``; returns the list the compiled variants are logged to."""
     from ijepa_fast.kernels import (
+        adamw_tail,
         dispatch,
         ema,
         gather_layernorm,
@@ -75,7 +76,7 @@ def install(arch: int) -> list[str]:
     def use_triton(backend, *tensors):
         return backend != "reference"
 
-    for mod in (dispatch, ema, gather_layernorm, gather_tokens, jepa_loss, predictor_tokens):
+    for mod in (adamw_tail, dispatch, ema, gather_layernorm, gather_tokens, jepa_loss, predictor_tokens):
         if hasattr(mod, "use_triton"):
             mod.use_triton = use_triton
     return compiled
@@ -84,6 +85,7 @@ def install(arch: int) -> list[str]:
 def cases():
     """(name, thunk) for every op, forward and backward, over sizes and dtypes."""
     import torch
+    from ijepa_fast.kernels.adamw_tail import adamw_tail_
     from ijepa_fast.kernels.ema import ema_update_
     from ijepa_fast.kernels.gather_layernorm import gather_layernorm
     from ijepa_fast.kernels.gather_tokens import gather_tokens, gather_tokens_packed
@@ -104,6 +106,20 @@ def cases():
             yield f"ema {td} <- {sd}", lambda td=td, sd=sd: ema_update_(
                 [r(n, dtype=td) for n in (1, 80, 70001)] + [r(3, 1408, dtype=td)],
                 [r(n, dtype=sd) for n in (1, 80, 70001)] + [r(3, 1408, dtype=sd)], 0.996, backend="triton")
+    def tail(gd, cd, scale, found):
+        sizes = (1, 80, 70001)
+        ps = [r(n) for n in sizes]
+        adamw_tail_(ps, [r(n, dtype=gd) for n in sizes[:2]] + [None], [r(n) for n in sizes],
+                    [r(n).abs() for n in sizes],
+                    [torch.tensor(1.0) for _ in sizes], lr=1e-3, weight_decay=0.04, betas=(0.9, 0.999), eps=1e-8,
+                    computes=[r(n, dtype=cd) for n in sizes], targets=[r(n) for n in sizes],
+                    target_computes=[r(n, dtype=cd) for n in sizes], momentum=0.996,
+                    grad_scale=torch.tensor(0.5) if scale else None, found_inf=torch.zeros(()) if found else None,
+                    backend="triton")
+    for gd in dtypes:
+        for cd in dtypes:
+            for scale in (False, True):
+                yield f"adamw_tail g={gd} c={cd} scale={scale}", lambda gd=gd, cd=cd, s=scale: tail(gd, cd, s, s)
     n = 20
     for dt in dtypes:
         for d in widths:
