@@ -139,8 +139,8 @@ class PerfConfig:
     compile: bool = opt(False, "torch.compile each transformer block (dynamic shapes: no recompiles as lengths "
                         "change)")
     optimizer: str = opt("auto", "AdamW implementation: 'fused', 'foreach', 'single' (torch), or 'fused_tail' (AdamW, "
-                         "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused_tail on "
-                         "CUDA with bf16_weights, fused on CUDA otherwise, foreach elsewhere",
+                         "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused on CUDA, "
+                         "foreach elsewhere (fused_tail is opt-in until it has been checked on a GPU)",
                          ("auto", "fused", "foreach", "single", "fused_tail"))
 
 
