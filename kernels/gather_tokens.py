@@ -27,8 +27,10 @@ except ImportError:
 
 
 def _row_ids(idx, cu_seqlens):
+    """The sequence of every packed token; ``output_size`` (the token count, known from idx's
+    shape) spares the device a read-back of the lengths' sum."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(lengths), device=idx.device), lengths)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=idx.device), lengths, output_size=idx.numel())
 
 
 def _select(x, idx, rows, pos):
@@ -254,10 +256,15 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None =
 def gather_tokens_packed(x: torch.Tensor, idx: torch.Tensor, cu_seqlens: torch.Tensor,
                          pos: torch.Tensor | None = None, *, deterministic: bool = False,
                          backend: str = "auto") -> torch.Tensor:
-    """x [B, N, D], idx [T], int32 cu_seqlens [R + 1] (sequence s reads image s % B) -> [T, D]."""
+    """x [B, N, D], idx [T], int32 cu_seqlens [R + 1] (sequence s reads image s % B, and
+    cu_seqlens[-1] == T, as ``packing.pack`` makes them) -> [T, D].
+
+    No value of ``cu_seqlens`` is read on the host (that would wait for the device): only shapes
+    are checked here."""
     _check_pos(pos)
-    if idx.dim() != 1 or int(cu_seqlens[-1]) != idx.numel():
-        raise ValueError("gather_tokens_packed: idx must be [T] with cu_seqlens[-1] == T")
+    if idx.dim() != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"gather_tokens_packed: idx must be [T] and cu_seqlens [R + 1], got {tuple(idx.shape)} "
+                         f"and {tuple(cu_seqlens.shape)}")
     if not use_triton(backend, x, idx):
         return gather_tokens_packed_reference(x, idx, cu_seqlens, pos)
     row_ids = _row_ids(idx, cu_seqlens).to(torch.int32)
