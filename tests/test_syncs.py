@@ -109,10 +109,11 @@ def test_forward_backward_without_host_syncs_reference_ops(layout, varlen):
 
 
 @needs_triton
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("layout,varlen", LAYOUTS)
-def test_forward_backward_without_host_syncs_triton_kernels(layout, varlen):
+def test_forward_backward_without_host_syncs_triton_kernels(layout, varlen, deterministic):
     model, masks, images = _model_and_masks()
-    model.configure_layout(layout, varlen).configure_kernels("triton")
+    model.configure_layout(layout, varlen).configure_kernels("triton", deterministic)
     syncs = _count_step(model, masks, images)
     assert syncs.total == 0, syncs.report()
 
