@@ -48,4 +48,5 @@ def pack(masks: MaskBatch) -> PackedMasks:
         lens = masks.context_lens.reshape(m * b).long()
         idx = flat[torch.arange(lc, device=flat.device)[None, :] < lens[:, None]]
     meta = VarlenMeta.from_lengths(lens)
-    return PackedMasks(idx, meta, masks.targets, plan(idx, meta.cu_seqlens, masks.targets.reshape(k * b, lt), k))
+    pred = plan(idx, meta.cu_seqlens, masks.targets.reshape(k * b, lt), k, max_context=meta.max_seqlen)
+    return PackedMasks(idx, meta, masks.targets, pred)

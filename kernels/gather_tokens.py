@@ -27,8 +27,10 @@ except ImportError:
 
 
 def _row_ids(idx, cu_seqlens):
+    """The sequence of every packed token; ``output_size`` (the token count, known from idx's
+    shape) spares the device a read-back of the lengths' sum."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(len(lengths), device=idx.device), lengths)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=idx.device), lengths, output_size=idx.numel())
 
 
 def _select(x, idx, rows, pos):
@@ -96,24 +98,25 @@ if triton is not None:
         tl.atomic_add(Gx_ptr + dest[:, None] * D + d[None, :], g, mask=m2)
 
     @triton.jit
-    def _scatter_sorted_kernel(G_ptr, Order_ptr, Seg_start_ptr, Seg_dest_ptr, Gx_ptr, S, D, MAX_COUNT: tl.constexpr,
-                               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _scatter_sorted_kernel(G_ptr, Order_ptr, Seg_start_ptr, Gx_ptr, S, T, D, BLOCK_S: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+        # one segment per destination row s of gx: its sources are Order[Seg_start[s] : Seg_start[s + 1]]
         s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         smask = s < S
         m2 = smask[:, None] & (d < D)[None, :]
         start = tl.load(Seg_start_ptr + s, mask=smask, other=0)
-        count = tl.load(Seg_start_ptr + s + 1, mask=smask, other=0) - start  # >= 1 for every segment
+        count = tl.load(Seg_start_ptr + s + 1, mask=smask, other=0) - start  # 0 for a row nothing reads
         acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-        for i in range(0, MAX_COUNT):  # each destination's sources, in a fixed order
-            # Past a segment's end, re-read its last source and drop it with where(): a 2D load mask
+        for i in range(0, tl.max(count, axis=0)):  # each destination's sources, in a fixed order
+            # Past a segment's end, re-read a valid source and drop it with where(): a 2D load mask
             # built from loaded counts crashes Triton 3.6's layout pass for sm_90 when D is a multiple
             # of 16 (tests/test_kernels_compile.py compiles every launch for the GPU).
-            t = tl.load(Order_ptr + start + tl.minimum(i, count - 1), mask=smask, other=0)
+            j = tl.minimum(start + tl.maximum(tl.minimum(i, count - 1), 0), T - 1)
+            t = tl.load(Order_ptr + j, mask=smask, other=0)
             g = tl.load(G_ptr + t[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
             acc += tl.where((i < count)[:, None], g, 0.0)
-        dest = tl.load(Seg_dest_ptr + s, mask=smask, other=0)
-        tl.store(Gx_ptr + dest[:, None] * D + d[None, :], acc.to(Gx_ptr.dtype.element_ty), mask=m2)
+        tl.store(Gx_ptr + s[:, None] * D + d[None, :], acc.to(Gx_ptr.dtype.element_ty), mask=m2)
 
 
 def _flags(idx, pos, lens, row_ids):
@@ -152,16 +155,17 @@ def scatter_tokens_triton(grad, idx, b, n, lens=None, row_ids=None, deterministi
                 grad, idx, lens if lens is not None else idx, row_ids if row_ids is not None else idx, gx, t,
                 length, b, n, d, BLOCK_T=bt, BLOCK_D=bd, HAS_LENS=lens is not None, PACKED=row_ids is not None)
         return gx.to(grad.dtype)
+    # Sources sorted by destination (stable: token order within one), padding last; every row of gx
+    # is one segment, so no size depends on the data and nothing is read back to the host.
     dest, valid = destinations(idx, b, n, lens, row_ids)
-    order = torch.nonzero(valid).flatten()
-    order = order[torch.argsort(dest[order], stable=True)]
-    seg_dest, counts = torch.unique_consecutive(dest[order], return_counts=True)
-    seg_start = torch.zeros(len(counts) + 1, dtype=torch.int64, device=grad.device)
-    seg_start[1:] = torch.cumsum(counts, 0)
-    gx = torch.zeros(b, n, d, device=grad.device, dtype=grad.dtype)
-    if len(counts):
-        _scatter_sorted_kernel[(triton.cdiv(len(counts), bt), triton.cdiv(d, bd))](
-            grad, order, seg_start, seg_dest, gx, len(counts), d, int(counts.max()), BLOCK_S=bt, BLOCK_D=bd)
+    key = torch.where(valid, dest, b * n)
+    order = torch.argsort(key, stable=True)
+    seg_start = torch.searchsorted(key[order], torch.arange(b * n + 1, device=grad.device))
+    gx = torch.empty(b, n, d, device=grad.device, dtype=grad.dtype)
+    if t == 0 or gx.numel() == 0:
+        return gx.zero_()
+    _scatter_sorted_kernel[(triton.cdiv(b * n, bt), triton.cdiv(d, bd))](
+        grad, order, seg_start, gx, b * n, t, d, BLOCK_S=bt, BLOCK_D=bd)
     return gx
 
 
@@ -254,10 +258,15 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None =
 def gather_tokens_packed(x: torch.Tensor, idx: torch.Tensor, cu_seqlens: torch.Tensor,
                          pos: torch.Tensor | None = None, *, deterministic: bool = False,
                          backend: str = "auto") -> torch.Tensor:
-    """x [B, N, D], idx [T], int32 cu_seqlens [R + 1] (sequence s reads image s % B) -> [T, D]."""
+    """x [B, N, D], idx [T], int32 cu_seqlens [R + 1] (sequence s reads image s % B, and
+    cu_seqlens[-1] == T, as ``packing.pack`` makes them) -> [T, D].
+
+    No value of ``cu_seqlens`` is read on the host (that would wait for the device): only shapes
+    are checked here."""
     _check_pos(pos)
-    if idx.dim() != 1 or int(cu_seqlens[-1]) != idx.numel():
-        raise ValueError("gather_tokens_packed: idx must be [T] with cu_seqlens[-1] == T")
+    if idx.dim() != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"gather_tokens_packed: idx must be [T] and cu_seqlens [R + 1], got {tuple(idx.shape)} "
+                         f"and {tuple(cu_seqlens.shape)}")
     if not use_triton(backend, x, idx):
         return gather_tokens_packed_reference(x, idx, cu_seqlens, pos)
     row_ids = _row_ids(idx, cu_seqlens).to(torch.int32)

@@ -217,8 +217,12 @@ class PackedPlan(NamedTuple):
         return PackedPlan(*(t.to(device, non_blocking=non_blocking) for t in self[:5]), self.max_seqlen)
 
 
-def plan(ctx_idx: torch.Tensor, ctx_cu: torch.Tensor, tgt_idx: torch.Tensor, num_targets: int) -> PackedPlan:
-    """Where every output row comes from (integer bookkeeping only, done once per batch)."""
+def plan(ctx_idx: torch.Tensor, ctx_cu: torch.Tensor, tgt_idx: torch.Tensor, num_targets: int,
+         max_context: int | None = None) -> PackedPlan:
+    """Where every output row comes from (integer bookkeeping only, done once per batch).
+
+    ``max_context``: the longest context sequence, when known on the host (``VarlenMeta.max_seqlen``):
+    then no value is read back from the device; the sizes otherwise follow from the shapes."""
     dev = ctx_idx.device
     k = num_targets
     lc = (ctx_cu[1:] - ctx_cu[:-1]).long()  # [MB]
@@ -230,18 +234,21 @@ def plan(ctx_idx: torch.Tensor, ctx_cu: torch.Tensor, tgt_idx: torch.Tensor, num
     cu = torch.zeros(k * mb + 1, dtype=torch.int64, device=dev)
     cu[1:] = torch.cumsum(seq_len, 0)
     starts = cu[:-1].view(k, mb)
-    mb_of_t = torch.repeat_interleave(torch.arange(mb, device=dev), lc)
+    mb_of_t = torch.repeat_interleave(torch.arange(mb, device=dev), lc, output_size=tc)
     j_of_t = torch.arange(tc, device=dev) - ctx_cu[:-1].long()[mb_of_t]
     dst_ctx = starts[:, mb_of_t] + j_of_t  # [K, Tc]
     dst_tgt = (starts + lc).unsqueeze(-1) + torch.arange(lt, device=dev)  # [K, MB, Lt]
     tgt_pos = tgt_idx.reshape(k, b, lt)[:, torch.arange(mb, device=dev) % b]  # [K, MB, Lt]
-    tp = int(cu[-1])
+    tp = k * (tc + mb * lt)  # = cu[-1]
     src = torch.full((tp,), -1, dtype=torch.int64, device=dev)
     pos_idx = torch.empty(tp, dtype=torch.int64, device=dev)
     src[dst_ctx.reshape(-1)] = torch.arange(tc, device=dev).repeat(k)
     pos_idx[dst_ctx.reshape(-1)] = ctx_idx.long().repeat(k)
     pos_idx[dst_tgt.reshape(-1)] = tgt_pos.reshape(-1).long()
-    max_len = int(seq_len.max()) if seq_len.numel() else 0
+    if not mb:
+        max_len = 0
+    else:
+        max_len = max_context + lt if max_context is not None else int(seq_len.max())
     return PackedPlan(src, pos_idx, dst_ctx, dst_tgt.reshape(k * mb, lt), cu.to(torch.int32), max_len)
 
 

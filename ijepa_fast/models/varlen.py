@@ -148,15 +148,23 @@ def _nested(q, k, v, meta):
     return F.scaled_dot_product_attention(*nt).transpose(1, 2).values()
 
 
-def pad_index(meta: VarlenMeta) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat positions [T] in an [S, max_seqlen] grid, bool [S, max_seqlen] validity)."""
+def pad_index(meta: VarlenMeta, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions [T] in an [S, max_seqlen] grid, bool [S, max_seqlen] validity).
+
+    ``total``: T, the number of tokens, when the caller knows it (from a tensor's shape): then
+    nothing is read back from the device."""
     lengths = meta.lengths.long()
-    valid = torch.arange(meta.max_seqlen, device=lengths.device)[None, :] < lengths[:, None]
-    return torch.nonzero(valid.flatten()).flatten(), valid
+    dev = lengths.device
+    valid = torch.arange(meta.max_seqlen, device=dev)[None, :] < lengths[:, None]
+    if total is None:
+        total = int(meta.cu_seqlens[-1])
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=total)
+    start = meta.cu_seqlens.long()[seq]
+    return seq * meta.max_seqlen + torch.arange(total, device=dev) - start, valid
 
 
 def _padded(q, k, v, meta):
-    pos, valid = pad_index(meta)
+    pos, valid = pad_index(meta, q.shape[0])
     s, m = valid.shape
     t, h, d = q.shape
 
