@@ -89,16 +89,29 @@ def test_step_report_table():
     assert "in1k_vith14_ep300" in text
 
 
-def test_released_step_collator_draws_our_bench_masks():
-    """benchmarks/reference_equal_work.py feeds the released step the masks ijepa_fast.bench times."""
+def _load(name):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("reference_equal_work", ROOT / "benchmarks" /
-                                                      "reference_equal_work.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return mod
+
+
+def test_fp8_quality_gate():
+    gate = _load("fp8_quality").gate
+    bf16 = {"probe_target": random.uniform(80, 95), "probe_random": 70.0}
+    assert gate(bf16, {**bf16, "probe_target": bf16["probe_target"] - 1.5}, 2.0)[0]
+    assert gate(bf16, {**bf16, "probe_target": bf16["probe_target"] + 3.0}, 2.0)[0]  # better is fine
+    assert not gate(bf16, {**bf16, "probe_target": bf16["probe_target"] - 2.5}, 2.0)[0]
+    assert not gate({"probe_target": 71.0}, {"probe_target": 69.0, "probe_random": 70.0}, 5.0)[0]  # under random
+
+
+def test_released_step_collator_draws_our_bench_masks():
+    """benchmarks/reference_equal_work.py feeds the released step the masks ijepa_fast.bench times."""
+    mod = _load("reference_equal_work")
     seed = random.randrange(1000)
     # the released script's collator arguments
     coll = mod.collator(seed)(input_size=(224, 224), patch_size=16, pred_mask_scale=(0.15, 0.2),
