@@ -1,13 +1,21 @@
-"""The training step on one GPU: every published model size, both mask modes, fast paths on and off.
+"""The training step on one GPU, beside the released step at equal work.
 
-    python benchmarks/bench_step.py [--models vit_base:16:256,vit_large:16:128,vit_huge:14:128,vit_giant:16:16]
-                                    [--steps 10] [--reference] [--out F.jsonl] [--md F.md]
+    python benchmarks/bench_step.py [--models vit_huge:14:128,vit_base:16:256,vit_large:16:128,vit_giant:16:16]
+                                    [--masks reference,default] [--paths fast,fp8] [--steps 10] [--warmup 3]
+                                    [--reference] [--out F.jsonl] [--md F.md]
+    python benchmarks/bench_step.py --report F.jsonl --md F.md      # the page from rows already measured
 
 One JSON object per line (see ijepa_fast/bench.py for every field): images/s, tokens/s, model
-TFLOP/s and MFU against the bf16 matmul peak measured in the same run, peak memory, projected
-GPU-hours for the published recipes of that model, the layout and attention used. With
-``--reference`` and the reference implementation unpacked in .bench_ref/.ref (see
-shared/anchors/README.md), the released step is timed in the same run for comparison.
+TFLOP/s and MFU against the bf16 matmul peak measured in the same run and against the card's spec
+peak, peak memory, projected GPU-hours for the published recipes of that model. ``--paths``:
+``plain`` (the reference-equivalent step), ``fast`` (every switch, bf16), ``fp8`` / ``fp8-rowwise`` /
+``fp8-tensorwise`` (the fast path with FP8 encoder linear layers). With ``--reference`` and the
+released implementation in .bench_ref (shared/anchors/README.md), the released step is timed in
+the same run, fed ijepa-fast's reference-mode masks at the same seed, warm-up and steps
+(``benchmarks/reference_equal_work.py``), so that it and our reference-mask rows process the same
+tokens; ``--reference-masks own`` lets it draw its own. The markdown page (``ijepa_fast.bench_report``)
+has the table, the throughput goals (met / not met / not measured) and the GPU-hours per recipe;
+rows are grouped by ``run_id`` ($BENCH_RUN_ID, or one per process) and a page shows one run.
 """
 from __future__ import annotations
 
@@ -16,25 +24,35 @@ import json
 import os
 import subprocess
 import sys
+import time
 
-from common import ROOT, emit, environment, write_markdown
+from common import ROOT, emit, environment
+
+RUN_ID = os.environ.get("BENCH_RUN_ID") or time.strftime("%Y%m%dT%H%M%S")
 
 
-def reference_rows(model, patch, batch, steps, out, variants=("released", "compiled")):
-    script = ROOT / ".bench_ref" / "reference_step.py"
-    if not script.exists():
-        print(f"no {script}: skipping the reference step", file=sys.stderr)
+def reference_rows(model, patch, batch, *, steps, warmup, out, env, variants=("released",), masks="ours"):
+    if not (ROOT / ".bench_ref" / "reference_step.py").exists():
+        print("no .bench_ref/reference_step.py: skipping the released step", file=sys.stderr)
         return []
     rows = []
-    for extra in [{"released": [], "compiled": ["--sdpa", "--compile"]}[v] for v in variants]:
-        cmd = [sys.executable, str(script), "--model", model, "--patch", str(patch), "--batch", str(batch),
-               "--steps", str(steps)] + extra
+    for variant in variants:
+        extra = {"released": [], "compiled": ["--sdpa", "--compile"]}[variant]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "reference_equal_work.py"), "--model", model, "--patch",
+               str(patch), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)] + extra
+        cmd += ["--own-masks"] if masks == "own" else []
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": ""})
+        tokens = None
         for line in p.stdout.splitlines():
-            if line.startswith("{") and '"official_train_step"' in line:
-                r = json.loads(line)
-                r["bench"] = "reference_step"
-                r["variant"] = "released" if not extra else "released + sdpa + compile"
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            if r.get("what") == "official_mask_collator":
+                tokens = r.get("mean_ctx_tokens")
+            elif r.get("what") == "official_train_step":
+                r.update(bench="reference_step", variant="released" if not extra else "released + sdpa + compile",
+                         mean_ctx_tokens=round(tokens, 1) if tokens is not None else None)
+                r.update(env)
                 rows.append(r)
                 emit(r, out)
         if p.returncode:
@@ -42,60 +60,84 @@ def reference_rows(model, patch, batch, steps, out, variants=("released", "compi
     return rows
 
 
+def report(path, md, command):
+    """Write the page from the newest run's rows in a JSON-lines file."""
+    from ijepa_fast.bench_report import step_report
+
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    run = [r for r in rows if r.get("run_id")]
+    latest = run[-1]["run_id"] if run else None
+    rows = [r for r in rows if r.get("run_id") == latest] if latest else rows
+    peaks = [r["tflops_bf16_8192"] for r in rows if r.get("bench") == "matmul_peak"]
+    text = step_report([r for r in rows if r.get("bench") == "step"],
+                       [r for r in rows if r.get("bench") == "reference_step"], command=command,
+                       peak=peaks[0] if len(set(peaks)) == 1 else None)
+    if len(set(peaks)) > 1:
+        text = text.replace("matmul peak measured in the same run", "matmul peak measured in the same run "
+                            f"(each process its own; {min(peaks):.0f}-{max(peaks):.0f} TFLOP/s)", 1)
+    open(md, "w").write(text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="vit_base:16:256,vit_large:16:128,vit_huge:14:128,vit_giant:16:16")
+    p.add_argument("--models", default="vit_huge:14:128,vit_base:16:256,vit_large:16:128,vit_giant:16:16")
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--masks", default="reference,default")
-    p.add_argument("--paths", default="plain,fast")
+    p.add_argument("--paths", default="fast", help="comma list of plain, fast, fp8 (= fp8-rowwise), fp8-tensorwise")
     p.add_argument("--device", default="cuda")
     p.add_argument("--reference", action="store_true", help="also time the released step (needs .bench_ref)")
-    p.add_argument("--reference-variants", default="released,compiled",
-                   help="which released steps: as shipped, and with sdpa + per-block compile")
+    p.add_argument("--reference-variants", default="released",
+                   help="released (as shipped) and/or compiled (with sdpa + per-block compile)")
+    p.add_argument("--reference-masks", default="ours", choices=("ours", "own"),
+                   help="feed the released step our reference-mode masks (equal work) or let it draw its own")
+    p.add_argument("--report", help="only write --md from the newest run in this JSON-lines file")
     p.add_argument("--out")
     p.add_argument("--md")
     args = p.parse_args()
+    command = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:])
+    if args.report:
+        report(args.report, args.md, command)
+        return
 
     import torch
 
     from ijepa_fast.bench import BenchSpec, matmul_peak_tflops, run
 
     device = torch.device(args.device)
-    env = environment(args.device)
+    env = {**environment(args.device), "run_id": RUN_ID}
     peak = matmul_peak_tflops(device)
     if peak:
         emit({"bench": "matmul_peak", "tflops_bf16_8192": round(peak, 1), **env}, args.out)
-    rows, refs = [], []
+    rows = []
     for item in args.models.split(","):
         model, patch, batch = item.split(":")
         pred_depth = 16 if model == "vit_giant" else 12
         if args.reference:
-            refs += reference_rows(model, patch, batch, args.steps, args.out, args.reference_variants.split(","))
+            rows += reference_rows(model, patch, batch, steps=args.steps, warmup=args.warmup, out=args.out, env=env,
+                                   variants=args.reference_variants.split(","), masks=args.reference_masks)
         for mode in args.masks.split(","):
             for path in args.paths.split(","):
+                fp8 = {"fp8": "rowwise", "fp8-rowwise": "rowwise", "fp8-tensorwise": "tensorwise"}.get(path)
                 spec = BenchSpec(model=model, patch=int(patch), img=args.img, batch=int(batch), pred_depth=pred_depth,
-                                 mask_mode=mode, fast=path == "fast", steps=args.steps, warmup=args.warmup,
+                                 mask_mode=mode, fast=path != "plain", fp8=fp8, steps=args.steps, warmup=args.warmup,
                                  device=args.device)
                 try:
                     row = {**run(spec, peak), **env}
                 except torch.cuda.OutOfMemoryError:
-                    row = {"bench": "step", "model": model, "batch": int(batch), "masks": mode,
-                           "fast": path == "fast", "error": "out of memory", **env}
+                    row = {"bench": "step", "model": model, "patch": int(patch), "batch": int(batch), "masks": mode,
+                           "fast": path != "plain", "fp8": fp8, "error": "out of memory", **env}
                     torch.cuda.empty_cache()
                 rows.append(row)
                 emit(row, args.out)
     if args.md and rows:
-        cols = [("model", "model"), ("batch", "batch"), ("masks", "masks"), ("fast", "fast paths"),
-                ("layout", "layout"), ("step_ms", "step ms"), ("images_per_s", "images/s"),
-                ("ctx_tokens_per_s", "context tokens/s"), ("tflops", "model TFLOP/s"), ("mfu", "MFU"),
-                ("peak_mem_gib", "peak GiB"), ("gpu_hours", "GPU-hours (recipe)")]
-        notes = f"bf16 matmul peak measured in the same run: {peak:.0f} TFLOP/s." if peak else ""
-        for r in refs:
-            notes += (f"\n\nReleased step, same run ({r['variant']}): {r['model']} batch {r['batch']}: "
-                      f"{r['step_ms']} ms, {r['img_per_s']} images/s, {r['peak_mem_gib']} GiB.")
-        write_markdown(args.md, "The training step", "python benchmarks/bench_step.py", rows, cols, notes)
+        from ijepa_fast.bench_report import step_report
+
+        with open(args.md, "w") as f:
+            f.write(step_report([r for r in rows if r["bench"] == "step"],
+                                [r for r in rows if r["bench"] == "reference_step"],
+                                command=command, peak=peak))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 One measurement = one model at one batch, with reference-mode or default masks, with the fast
 paths on or off, on synthetic images (the data pipeline is measured separately). It reports
-images/s, tokens/s, model TFLOP/s and MFU against a matmul peak measured on the same device,
-peak memory, and GPU-hours projected for each published recipe that uses this model.
+images/s, tokens/s, model TFLOP/s and MFU against a matmul peak measured on the same device (and
+against the card's spec peak, see ``bench_report``), peak memory, and GPU-hours projected for each
+published recipe that uses this model. ``fp8`` adds FP8 linear layers (``perf.fp8``) to the fast path.
 
 Model FLOPs per image count 2 x MACs of the linear layers and attention matmuls: the target
 encoder forward on all N tokens, 3 x the context encoder forward on the context tokens, and 3 x
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .bench_report import RECIPES, add_spec_mfu, gpu_hours  # noqa: F401  (RECIPES: re-exported)
 from .config import MaskConfig, PerfConfig
 from .masks import MultiBlockSampler
 from .model import IJEPA
@@ -26,13 +28,6 @@ from .perf import optimizer_impl
 from .schedules import Schedules
 from .step import make_optimizer, train_step
 
-# published recipes: (model, patch, resolution, epochs, images in the dataset)
-RECIPES = {
-    "in1k_vith14_ep300": ("vit_huge", 14, 224, 300, 1_281_167),
-    "in1k_vith16-448_ep300": ("vit_huge", 16, 448, 300, 1_281_167),
-    "in22k_vith14_ep66": ("vit_huge", 14, 224, 66, 14_197_122),
-    "in22k_vitg16_ep44": ("vit_giant", 16, 224, 44, 14_197_122),
-}
 PUBLISHED_BATCH = {"vit_base": 256, "vit_large": 128, "vit_huge": 128, "vit_giant": 16, "vit_small": 256,
                    "vit_tiny": 256}
 
@@ -86,6 +81,7 @@ class BenchSpec:  # keyword-only: ten fields of like types
     pred_depth: int = 12
     mask_mode: str = "reference"
     fast: bool = True
+    fp8: str | None = None  # 'rowwise' or 'tensorwise' on the fast path (perf.fp8)
     steps: int = 10
     warmup: int = 3
     device: str = "cuda"
@@ -98,7 +94,7 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
     model = IJEPA.build(spec.model, img_size=spec.img, patch_size=spec.patch, pred_depth=spec.pred_depth)
     model = model.to(device)
     perf = PerfConfig(bf16_weights=spec.fast and device.type == "cuda", compile=spec.fast and device.type == "cuda",
-                      optimizer="auto" if spec.fast else "foreach")
+                      optimizer="auto" if spec.fast else "foreach", fp8=spec.fp8 or "false")
     model.configure_kernels("auto" if spec.fast else "reference")
     model.configure_layout("auto" if spec.fast else "padded")
     optimizer = make_optimizer(model, impl=optimizer_impl(perf, device))
@@ -142,22 +138,24 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
     n = grid[0] * grid[1]
     flops = model_flops_per_image(model, n, ctx, tgt / k, k)
     row = {"bench": "step", "model": spec.model, "patch": spec.patch, "img": spec.img, "batch": spec.batch,
-           "pred_depth": spec.pred_depth, "masks": spec.mask_mode, "fast": spec.fast, "device": str(device),
+           "pred_depth": spec.pred_depth, "masks": spec.mask_mode, "fast": spec.fast, "fp8": spec.fp8,
+           "device": str(device),
            "step_ms": round(sec * 1e3, 2), "images_per_s": round(spec.batch / sec, 1),
            "ctx_tokens_per_img": round(ctx, 1), "ctx_tokens_per_s": round(spec.batch * ctx / sec),
            "tokens_per_s": round(spec.batch * (n + ctx + k * (ctx + tgt / k)) / sec),
            "gflop_per_img": round(flops / 1e9, 1), "tflops": round(flops * spec.batch / sec / 1e12, 2),
            "loss": round(res.loss, 4), "warmup_s": round(warm_s, 1), "layout": _layout(prepared[0]),
-           "kernels": model.kernels, "perf": [k_ for k_ in ("bf16_weights", "compile") if getattr(perf, k_)],
+           "kernels": model.kernels, "perf": [k_ for k_ in ("bf16_weights", "compile") if getattr(perf, k_)]
+           + ([f"fp8={spec.fp8}"] if spec.fp8 else []),
            "optimizer": optimizer_impl(perf, device)}
     if peak_tflops:
         row["matmul_peak_tflops"] = round(peak_tflops, 1)
         row["mfu"] = round(row["tflops"] / peak_tflops, 3)
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    row["gpu_hours"] = {name: round(epochs * images / row["images_per_s"] / 3600, 1)
-                        for name, (m, p, r, epochs, images) in RECIPES.items()
-                        if (m, p, r) == (spec.model, spec.patch, spec.img)}
+        row["gpu"] = torch.cuda.get_device_name(device)
+        add_spec_mfu(row)
+    row["gpu_hours"] = gpu_hours(row["images_per_s"], spec.model, spec.patch, spec.img)
     return row
 
 

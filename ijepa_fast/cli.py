@@ -109,7 +109,7 @@ def cmd_bench(args) -> int:
         for fast in paths:
             spec = BenchSpec(model=args.model, patch=patch, img=args.img, mask_mode=mode, fast=fast,
                              batch=args.batch or PUBLISHED_BATCH[args.model], pred_depth=args.pred_depth,
-                             steps=args.steps, warmup=args.warmup, device=str(device))
+                             steps=args.steps, warmup=args.warmup, device=str(device), fp8=args.fp8 if fast else None)
             row = run(spec, peak)
             print(json.dumps(row), flush=True)
             if args.out:
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the released sampler's masks, whole contexts (default mode), or both")
     b.add_argument("--paths", default="both", choices=("plain", "fast", "both"),
                    help="the plain step, the fast paths (kernels, packing, bf16 weights, compile), or both")
+    b.add_argument("--fp8", choices=("rowwise", "tensorwise"),
+                   help="the fast path with FP8 encoder linear layers (perf.fp8; CUDA compute capability >= 8.9)")
     b.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when present)")

@@ -27,11 +27,13 @@ __all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "MaskConfig", "M
            "PerfConfig", "RunConfig", "describe", "dump_config", "load_config"]
 
 
-def opt(default, help: str, choices=None):
-    """A documented config field."""
+def opt(default, help: str, choices=None, aliases=None):
+    """A documented config field; ``aliases`` maps other spellings (e.g. ``true``) to a choice."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if aliases:
+        meta["aliases"] = dict(aliases)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -138,6 +140,12 @@ class PerfConfig:
                                          "(less memory, about a third more compute)")
     compile: bool = opt(False, "torch.compile each transformer block (dynamic shapes: no recompiles as lengths "
                         "change)")
+    fp8: str = opt("false", "float8 matmuls in the context and target encoders' linear layers (torchao; CUDA compute "
+                   "capability >= 8.9): 'rowwise' or 'tensorwise' scaling, 'false' = off (true = rowwise); the "
+                   "predictor, the weights of record and the checkpoints are unchanged",
+                   ("false", "rowwise", "tensorwise"), aliases={True: "rowwise", False: "false", "true": "rowwise"})
+    fp8_emulate: bool = opt(False, "for testing: emulate the FP8 casts with high-precision matmuls on any device "
+                            "(the FP8 numerics, no speed-up)")
     optimizer: str = opt("auto", "AdamW implementation: 'fused', 'foreach', 'single' (torch), or 'fused_tail' (AdamW, "
                          "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused on CUDA, "
                          "foreach elsewhere (fused_tail is opt-in until it has been checked on a GPU)",
@@ -280,6 +288,9 @@ def merge(obj, values: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             merge(current, value, full + ".")
             continue
+        aliases = fields[key].metadata.get("aliases")
+        if aliases and isinstance(value, (bool, str)):
+            value = aliases.get(value.lower() if isinstance(value, str) else value, value)
         new = _coerce(full, value, hints[key])
         choices = fields[key].metadata.get("choices")
         for item in (new if isinstance(new, list) else [new]):

@@ -44,6 +44,8 @@ def validate(cfg) -> None:
           "FSDP has its own bf16 parameters: leave perf.bf16_weights off with dist.strategy=fsdp")
     _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.optimizer == "fused_tail"), "perf.optimizer",
           "the fused tail works on whole parameters, not FSDP shards: use perf.optimizer=auto with dist.strategy=fsdp")
+    _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.fp8 != "false"), "perf.fp8",
+          "FP8 linear layers are not supported with dist.strategy=fsdp here: use dist.strategy=ddp or perf.fp8=false")
 
 
 def _model(m, d) -> None:

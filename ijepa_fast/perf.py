@@ -1,7 +1,7 @@
 """The step's speed-ups, each a config switch (``perf.*``), applied in one place in a fixed order:
 
-    build (fp32) -> bf16 compute copy (``bf16_weights``) -> activation checkpointing -> per-block
-    torch.compile -> (DDP / FSDP, in the distributed wrapper)
+    build (fp32) -> bf16 compute copy (``bf16_weights``) -> FP8 linear layers (``fp8``) ->
+    activation checkpointing -> per-block torch.compile -> (DDP / FSDP, in the distributed wrapper)
 
 ``bf16_weights``: the optimiser, the EMA and the checkpoints keep working on the fp32 model (the
 master weights); forward and backward run on a bf16 copy without autocast, so no weight or
@@ -10,6 +10,9 @@ statistics inside the fused kernels and the loss stay fp32, as do the frozen sin
 added in fp32 and rounded once, and the regression targets; see docs/numerics.md). After each backward the bf16
 gradients are copied into fp32 master gradients; after each optimiser step the masters are
 copied back into the bf16 copy (one multi-tensor copy each way).
+
+``fp8``: the encoder's and the target encoder's linear layers run their matmuls in float8
+through torchao (see ``fp8``), on the compute copy when there is one, so the masters stay plain.
 
 ``activation_checkpointing``: each encoder and predictor block recomputes its activations in the
 backward pass (about a third more compute, much less memory).
@@ -23,6 +26,7 @@ import copy
 
 import torch
 
+from . import fp8
 from .model import IJEPA
 from .runlog import log
 
@@ -104,15 +108,23 @@ def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeight
     if perf.bf16_weights:
         master = MasterWeights(model)
         run = master.compute
+    fp8_note = ""
+    fp8_recipe = fp8.recipe(perf.fp8)
+    if fp8_recipe:
+        fp8.check_device(device, perf.fp8_emulate)
+        fp8_note = "; " + fp8.describe(fp8_recipe, fp8.convert(run, fp8_recipe, emulate=perf.fp8_emulate),
+                                       perf.fp8_emulate)
     if perf.activation_checkpointing:
         set_activation_checkpointing(run)
     if perf.compile:
         compile_blocks(run)
-    enabled = [k for k in ("bf16_weights", "activation_checkpointing", "compile") if getattr(perf, k)]
+    switches = {"bf16_weights": perf.bf16_weights, f"fp8={fp8_recipe}": fp8_recipe,
+                "activation_checkpointing": perf.activation_checkpointing, "compile": perf.compile}
+    enabled = [k for k, on in switches.items() if on]
     tail = " (AdamW, the target EMA and the bf16 copy in one fused pass per group)" if perf.bf16_weights \
         else " (AdamW and the target EMA in one fused pass per group)"
     log.info(f"performance switches: {', '.join(enabled) if enabled else 'none (the plain step)'}; optimiser "
-             + (f"fused_tail{tail}" if uses_fused_tail(perf, device) else optimizer_impl(perf, device)))
+             + (f"fused_tail{tail}" if uses_fused_tail(perf, device) else optimizer_impl(perf, device)) + fp8_note)
     return run, master
 
 
