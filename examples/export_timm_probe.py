@@ -57,6 +57,7 @@ def linear_probe(xtr, ytr, xva, yva, epochs: int = 300) -> float:
     """A linear classifier on standardised features (full-batch Adam); validation top-1 in percent."""
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
+    torch.manual_seed(0)  # the same head initialisation whichever library computed the features
     head = torch.nn.Linear(xtr.shape[1], int(ytr.max()) + 1)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(epochs):
