@@ -2,7 +2,8 @@
 
     ijepa-fast train [CONFIG] [section.key=value ...] [--data DIR]   train (no CONFIG: the CPU demo)
     ijepa-fast config [CONFIG] [section.key=value ...] [--describe]  print the resolved config / every option
-    ijepa-fast export CHECKPOINT OUT.safetensors [--which encoder]   export an encoder as safetensors
+    ijepa-fast export CHECKPOINT OUT [--format safetensors|timm|hf --which target|encoder]   export an encoder
+    ijepa-fast import SRC OUT.pth.tar [--format timm|hf]   a timm / transformers encoder as a checkpoint
     ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
     ijepa-fast extract CHECKPOINT --data DIR [--img 224 --tokens --out F]   features of a frozen encoder
     ijepa-fast probe {linear,attentive,knn,lowshot} --train T --val V [--checkpoint C]   probe accuracy
@@ -85,10 +86,17 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import export_safetensors
+    from .interop import export_encoder
 
-    out = export_safetensors(args.checkpoint, args.out, args.which, num_heads=args.num_heads)
-    print(f"wrote {args.which} of {args.checkpoint} to {out}")
+    print(export_encoder(args.checkpoint, args.out, format=args.format, which=args.which, num_heads=args.num_heads)[1])
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .interop_import import import_encoder
+
+    print(import_encoder(args.src, args.out, format=args.format, num_heads=args.num_heads, pred_depth=args.pred_depth,
+                         pred_dim=args.pred_dim, pred_heads=args.pred_heads, seed=args.seed)[1])
     return 0
 
 
@@ -269,13 +277,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", metavar="DIR", help="as train --data: the image folder to train on")
     c.set_defaults(func=cmd_config)
 
-    e = sub.add_parser("export", help="export an encoder of a checkpoint as safetensors")
+    e = sub.add_parser("export", help="export an encoder of a checkpoint: safetensors, timm or transformers layout")
     e.add_argument("checkpoint", help="a checkpoint: ours, a published one, or a sharded <tag>-latest.dcp")
-    e.add_argument("out", help="the .safetensors file to write")
-    e.add_argument("--which", default="target_encoder", choices=("target_encoder", "encoder"),
-                   help="the EMA target encoder (the paper's choice, default) or the context encoder")
+    e.add_argument("out", help="the .safetensors file (format safetensors) or the folder (timm, hf) to write")
+    e.add_argument("--format", default="safetensors", choices=("safetensors", "timm", "hf"),
+                   help="one file with timm's key names; a timm folder (config.json, model.safetensors); a "
+                        "transformers IJepaModel folder (config.json, model.safetensors, preprocessor_config.json)")
+    e.add_argument("--which", default="target", choices=("target", "encoder", "target_encoder"),
+                   help="the EMA target encoder (the paper's choice, default) or the context encoder (the one the "
+                        "public timm / transformers conversions take)")
     e.add_argument("--num-heads", type=int, help="head count, only for published checkpoints of a non-standard width")
     e.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="a timm or transformers I-JEPA encoder as a checkpoint (fresh predictor)")
+    im.add_argument("src", help="a timm state dict file or folder, or a transformers IJepaModel folder")
+    im.add_argument("out", help="the checkpoint to write (.pth.tar): encoder = target encoder = the imported weights")
+    im.add_argument("--format", default="auto", choices=("auto", "timm", "hf"),
+                    help="auto: hf for a folder whose config.json has model_type ijepa, else timm")
+    im.add_argument("--num-heads", type=int, help="head count, if the source omits it (non-standard widths)")
+    im.add_argument("--pred-depth", type=int, default=12, help="blocks of the fresh predictor (model.pred_depth)")
+    im.add_argument("--pred-dim", type=int, default=384, help="width of the fresh predictor (model.pred_dim)")
+    im.add_argument("--pred-heads", type=int, help="heads of the fresh predictor (default: the encoder's)")
+    im.add_argument("--seed", type=int, default=0, help="seed of the predictor's initialisation")
+    im.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bench", help="time the training step: images/s, tokens/s, TFLOP/s, MFU, memory, GPU-hours",
                        description="Times training steps on synthetic images, one JSON object per line.")
