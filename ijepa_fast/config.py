@@ -136,10 +136,19 @@ class PerfConfig:
     bf16_weights: bool = opt(False, "run forward and backward on a bf16 copy of the weights without autocast (bf16 "
                              "activations and residual stream); fp32 master weights stay in the optimiser, the EMA "
                              "and the checkpoints")
-    activation_checkpointing: bool = opt(False, "recompute each encoder and predictor block in the backward pass "
-                                         "(less memory, about a third more compute)")
+    activation_checkpointing: bool | str = opt(False, "recompute each encoder and predictor block in the backward "
+                                               "pass: 'full' (or true: the whole block; least memory, about a "
+                                               "third more compute) or 'selective' (keep matmul and attention "
+                                               "outputs, recompute layer norms, GELU, adds)",
+                                               (False, True, "full", "selective"))
+    selective_blocks: str = opt("all", "with activation_checkpointing=selective: the blocks that recompute "
+                                "selectively; the others recompute fully ('predictor': its many short "
+                                "sequences hold most activations)", ("all", "predictor", "encoder"))
+    token_buckets: int = opt(0, "round the batch's token counts up to this many sizes per doubling (padding "
+                             "masked out: the same loss and gradients); with compile, static shapes and one "
+                             "compilation per bucket; 0 = off", (0, 1, 2, 4, 8, 16))
     compile: bool = opt(False, "torch.compile each transformer block (dynamic shapes: no recompiles as lengths "
-                        "change)")
+                        "change; static shapes with token_buckets)")
     fp8: str = opt("false", "float8 matmuls in the context and target encoders' linear layers (torchao; CUDA compute "
                    "capability >= 8.9): 'rowwise' or 'tensorwise' scaling, 'false' = off (true = rowwise); the "
                    "predictor, the weights of record and the checkpoints are unchanged",
@@ -221,10 +230,16 @@ def _plain(x):
 
 def _coerce(key: str, value, tp):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union or origin is types.UnionType:  # X | None
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+    if origin is typing.Union or origin is types.UnionType:  # X | None, or X | Y: the first that fits
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) < len(args) and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
             return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
+        for a in kinds[:-1]:
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        return _coerce(key, value, kinds[-1])
     if origin is list:  # a YAML list, or one name / comma-separated names on the command line
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -15,6 +15,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from . import buckets
 from ._compat import keyword_only
 from .kernels.dispatch import BACKENDS
 from .kernels.ema import ema_update_
@@ -55,6 +56,7 @@ class IJEPA(nn.Module):
         self.loss_type = loss_type
         self.configure_kernels("auto")
         self.configure_layout("auto", "auto")
+        self.token_buckets = 0  # token counts rounded up to this many sizes per doubling (0: as they are)
 
     def configure_layout(self, layout: str = "auto", varlen_attn: str = "auto") -> IJEPA:
         """How context sequences of different lengths run: 'packed' (concatenated, no padding,
@@ -126,13 +128,14 @@ class IJEPA(nn.Module):
 
     # -- the three forward passes
     def prepare(self, masks: MaskBatch | PackedMasks) -> MaskBatch | PackedMasks:
-        """The masks in the layout this model runs them in (packing them if it should)."""
+        """The masks in the layout this model runs them in (packing them if it should), their
+        token counts rounded up to buckets when ``token_buckets`` is set (see ``buckets``)."""
         if isinstance(masks, PackedMasks):
             return masks
         if self.layout == "packed" or (self.layout == "auto" and masks.context_lens is not None
-                                        and self._fused_varlen()):
-            return pack(masks)
-        return masks
+                                        and masks.target_lens is None and self._fused_varlen()):
+            masks = pack(masks)
+        return buckets.apply(masks, self.token_buckets)
 
     def _fused_varlen(self) -> bool:
         dev = next(self.parameters()).device
@@ -143,7 +146,7 @@ class IJEPA(nn.Module):
     def _dims(masks) -> tuple[int, int, int, int]:
         """(K target blocks, M context blocks, B images, Lt target positions)."""
         k, b, lt = masks.targets.shape
-        m = masks.ctx_meta.num_seqs // b if isinstance(masks, PackedMasks) else masks.context.shape[0]
+        m = masks.num_context if isinstance(masks, PackedMasks) else masks.context.shape[0]
         return k, m, b, lt
 
     @torch.no_grad()

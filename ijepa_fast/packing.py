@@ -27,6 +27,12 @@ class PackedMasks(NamedTuple):
     def batch_size(self) -> int:
         return self.targets.shape[1]
 
+    @property
+    def num_context(self) -> int:
+        """Context blocks per image (M; dummy sequences of a bucketed batch not counted)."""
+        k, b, _ = self.targets.shape
+        return self.pred_plan.target_rows.shape[0] // (k * b)
+
     def to(self, device, non_blocking: bool = False) -> PackedMasks:
         meta = VarlenMeta(self.ctx_meta.cu_seqlens.to(device, non_blocking=non_blocking), self.ctx_meta.max_seqlen)
         return PackedMasks(self.ctx_idx.to(device, non_blocking=non_blocking), meta,

@@ -1,7 +1,8 @@
 """The step's speed-ups, each a config switch (``perf.*``), applied in one place in a fixed order:
 
-    build (fp32) -> bf16 compute copy (``bf16_weights``) -> FP8 linear layers (``fp8``) ->
-    activation checkpointing -> per-block torch.compile -> (DDP / FSDP, in the distributed wrapper)
+    build (fp32) -> bf16 compute copy (``bf16_weights``) -> token buckets -> FP8 linear layers
+    (``fp8``) -> activation checkpointing -> per-block torch.compile -> (DDP / FSDP, in the
+    distributed wrapper)
 
 ``bf16_weights``: the optimiser, the EMA and the checkpoints keep working on the fp32 model (the
 master weights); forward and backward run on a bf16 copy without autocast, so no weight or
@@ -11,14 +12,21 @@ added in fp32 and rounded once, and the regression targets; see docs/numerics.md
 gradients are copied into fp32 master gradients; after each optimiser step the masters are
 copied back into the bf16 copy (one multi-tensor copy each way).
 
+``token_buckets``: the batch's token counts are rounded up to a few fixed sizes (``buckets``), the
+padding masked out: the same loss and gradients, a small fixed set of block shapes.
+
 ``fp8``: the encoder's and the target encoder's linear layers run their matmuls in float8
 through torchao (see ``fp8``), on the compute copy when there is one, so the masters stay plain.
 
-``activation_checkpointing``: each encoder and predictor block recomputes its activations in the
-backward pass (about a third more compute, much less memory).
+``activation_checkpointing``: each context-encoder and predictor block recomputes its activations
+in the backward pass: ``full`` (or ``true``) the whole block (about a third more compute, only the
+block's input kept), ``selective`` only the cheap elementwise ops (layer norms, GELU, adds, casts)
+while the matmul and attention outputs are kept (little extra compute, part of the memory saved).
 
-``compile``: each transformer block is compiled on its own with dynamic shapes, so changing
-sequence lengths do not trigger recompilation.
+``compile``: each transformer block is compiled on its own: with dynamic shapes, so changing
+sequence lengths do not trigger recompilation; with token buckets, with static shapes, one
+compilation per bucket (``warm_up`` compiles them all before training; otherwise the first step
+of each bucket compiles) and none after.
 """
 from __future__ import annotations
 
@@ -83,22 +91,75 @@ def _varlen_impl(model: IJEPA) -> str:
     return next((m.varlen_impl for m in model.modules() if isinstance(m, Attention)), "auto")
 
 
-def set_activation_checkpointing(model: IJEPA, enabled: bool = True) -> None:
+CHECKPOINTING = {False: False, True: "full", "false": False, "none": False, "true": "full", "full": "full",
+                 "selective": "selective"}
+RECOMPILE_LIMIT = 64  # compiled shapes kept per block with token buckets (torch's default is 8)
+
+
+def checkpoint_mode(setting) -> str | bool:
+    """``perf.activation_checkpointing`` as False, 'full' or 'selective'."""
+    if setting not in CHECKPOINTING:
+        raise ValueError(f"activation checkpointing {setting!r}: choose false, true (= full), full or selective")
+    return CHECKPOINTING[setting]
+
+
+SELECTIVE_BLOCKS = ("all", "predictor", "encoder")
+
+
+def set_activation_checkpointing(model: IJEPA, enabled=True, *, selective_blocks: str = "all") -> None:
     """Recompute every encoder and predictor block in the backward pass (the target encoder runs
-    without gradients and needs none)."""
-    for blk in list(model.encoder.blocks) + list(model.predictor.predictor_blocks):
-        if enabled and blk.attn.varlen_impl == "nested":
+    without gradients and needs none). ``enabled``: False, True or 'full' (the whole block), or
+    'selective' (keep matmul and attention outputs; see models.layers.save_in_selective) in the
+    ``selective_blocks`` ('all', or only the 'predictor' or 'encoder' ones; the others: full)."""
+    mode = checkpoint_mode(enabled)
+    if selective_blocks not in SELECTIVE_BLOCKS:
+        raise ValueError(f"selective_blocks {selective_blocks!r}: choose one of {SELECTIVE_BLOCKS}")
+    if mode == "selective":
+        from .models.layers import create_selective_checkpoint_contexts
+
+        create_selective_checkpoint_contexts()  # a clear error on a torch without it
+    parts = {"encoder": list(model.encoder.blocks), "predictor": list(model.predictor.predictor_blocks)}
+    for part, blocks in parts.items():
+        per_part = "full" if mode == "selective" and selective_blocks not in ("all", part) else mode
+        for blk in blocks:
+            blk.checkpoint = per_part
+    for blk in parts["encoder"] + parts["predictor"]:
+        if mode and blk.attn.varlen_impl == "nested":
             raise ValueError("activation checkpointing cannot recompute nested-tensor attention: use "
                              "model.varlen_attn=auto (or padded, flash_attn, torch_varlen, xformers)")
-        blk.checkpoint = enabled
-        blk.attn.nested_ok = not enabled
+        blk.attn.nested_ok = not mode
 
 
-def compile_blocks(model: IJEPA) -> None:
-    """torch.compile each transformer block in place, with dynamic shapes."""
+def compile_blocks(model: IJEPA, *, dynamic: bool = True, backend="inductor") -> None:
+    """torch.compile each transformer block in place: with dynamic shapes, or static ones (token
+    buckets: one graph per bucket, up to RECOMPILE_LIMIT of them per block)."""
+    if not dynamic:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     for blocks in (model.encoder.blocks, model.target_encoder.blocks, model.predictor.predictor_blocks):
         for blk in blocks:
-            blk.compile(dynamic=True)
+            blk.compile(dynamic=dynamic, backend=backend)
+
+
+def warm_up(model: IJEPA, images: torch.Tensor, mask_batches) -> int:
+    """One forward and backward pass for each distinct bucketed shape among ``mask_batches`` (raw
+    MaskBatches, drawn from the run's sampler), so that compiled blocks see every bucket before
+    training; gradients are cleared after. Returns the number of shapes run."""
+    from .buckets import shape_key
+
+    seen = set()
+    for masks in mask_batches:
+        prepared = model.prepare(masks.to(images.device))
+        key = shape_key(prepared)
+        if key in seen:
+            continue
+        seen.add(key)
+        model.loss(images[:masks.batch_size], prepared).backward()
+    model.zero_grad(set_to_none=True)
+    return len(seen)
 
 
 def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeights | None]:
@@ -108,19 +169,28 @@ def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeight
     if perf.bf16_weights:
         master = MasterWeights(model)
         run = master.compute
+    buckets = getattr(perf, "token_buckets", 0)
+    for m in {id(model): model, id(run): run}.values():
+        m.token_buckets = buckets
     fp8_note = ""
     fp8_recipe = fp8.recipe(perf.fp8)
     if fp8_recipe:
         fp8.check_device(device, perf.fp8_emulate)
         fp8_note = "; " + fp8.describe(fp8_recipe, fp8.convert(run, fp8_recipe, emulate=perf.fp8_emulate),
                                        perf.fp8_emulate)
-    if perf.activation_checkpointing:
-        set_activation_checkpointing(run)
+    ckpt = checkpoint_mode(perf.activation_checkpointing)
+    if ckpt:
+        set_activation_checkpointing(run, ckpt, selective_blocks=getattr(perf, "selective_blocks", "all"))
     if perf.compile:
-        compile_blocks(run)
+        compile_blocks(run, dynamic=not buckets)
     switches = {"bf16_weights": perf.bf16_weights, f"fp8={fp8_recipe}": fp8_recipe,
-                "activation_checkpointing": perf.activation_checkpointing, "compile": perf.compile}
+                "activation_checkpointing": ckpt, "compile": perf.compile}
     enabled = [k for k, on in switches.items() if on]
+    if ckpt == "selective":
+        enabled[enabled.index("activation_checkpointing")] = (f"activation_checkpointing=selective "
+                                                              f"({perf.selective_blocks} blocks; the others full)")
+    if buckets:
+        enabled.append(f"token_buckets={buckets}" + (" (static shapes)" if perf.compile else ""))
     tail = " (AdamW, the target EMA and the bf16 copy in one fused pass per group)" if perf.bf16_weights \
         else " (AdamW and the target EMA in one fused pass per group)"
     log.info(f"performance switches: {', '.join(enabled) if enabled else 'none (the plain step)'}; optimiser "

@@ -78,19 +78,57 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.checkpoint = False  # recompute in the backward pass (activation checkpointing)
+        # activation checkpointing: False, "full" (or True: recompute the whole block in the backward
+        # pass) or "selective" (keep the matmul and attention outputs, recompute the rest)
+        self.checkpoint = False
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
                 meta: VarlenMeta | None = None) -> torch.Tensor:
         if self.checkpoint and torch.is_grad_enabled():
+            kw = {"context_fn": selective_contexts} if self.checkpoint == "selective" else {}
             # no recompute metadata check: it cannot size the nested tensors of jagged attention
             return torch.utils.checkpoint.checkpoint(self._forward, x, key_valid, meta, use_reentrant=False,
-                                                     determinism_check="none")
+                                                     determinism_check="none", **kw)
         return self._forward(x, key_valid, meta)
 
     def _forward(self, x, key_valid, meta):
         x = x + self.attn(self.norm1(x), key_valid, meta)
         return x + self.mlp(self.norm2(x))
+
+
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+_ATTENTION = ("attention", "attn", "flash")  # SDPA's kernels, flash-attn's, xformers', PyTorch's varlen
+
+
+def save_in_selective(op) -> bool:
+    """Whether selective checkpointing keeps an op's output: matmuls and attention forwards (the
+    costly ops); layer norms, GELU, adds and casts are recomputed in the backward pass."""
+    name = str(op)
+    base = name.split(".")[1] if name.startswith("aten.") else name
+    if base in _MATMULS:
+        return True
+    return "backward" not in name and any(k in name for k in _ATTENTION)
+
+
+def _policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if save_in_selective(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_contexts():
+    """The context pair of ``torch.utils.checkpoint``'s selective activation checkpointing."""
+    return create_selective_checkpoint_contexts()(_policy)
+
+
+def create_selective_checkpoint_contexts():
+    """torch's ``create_selective_checkpoint_contexts`` (torch 2.4 and later), or a clear error."""
+    fn = getattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", None)
+    if fn is None:
+        raise RuntimeError(f"perf.activation_checkpointing=selective needs torch.utils.checkpoint."
+                           f"create_selective_checkpoint_contexts (torch 2.4 or later; this is torch "
+                           f"{torch.__version__}): use perf.activation_checkpointing=full")
+    return fn
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float = 0.02, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
