@@ -6,6 +6,7 @@
     ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
     ijepa-fast extract CHECKPOINT --data DIR [--img 224 --tokens --out F]   features of a frozen encoder
     ijepa-fast probe {linear,attentive,knn,lowshot} --train T --val V [--checkpoint C]   probe accuracy
+    ijepa-fast shard DIR OUT [--size 1GB --max-images N --seed S]   an image folder as tar shards
 
 CONFIG is a YAML path or the name of a built-in config (``ijepa-fast config --list``).
 """
@@ -243,6 +244,12 @@ def _rounded(x):
     return x
 
 
+def cmd_shard(args) -> int:
+    from .data.shards import run_command
+
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -332,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--md", help="also append a Markdown table row (kind | train | val | top-1 | top-5)")
     encoder_args(pr)
     pr.set_defaults(func=cmd_probe)
+
+    sh = sub.add_parser("shard", help="write an image folder as webdataset-style tar shards",
+                        description="Tar shards of an image folder (class sub-folders or flat) with an index, for "
+                                    "data.path; see docs/training.md.")
+    sh.add_argument("folder", metavar="DIR", help="the image folder")
+    sh.add_argument("out", metavar="OUT", help="a new or empty folder for the shards")
+    sh.add_argument("--size", default="1GB", help="largest shard, e.g. 500MB, 1GB, 2GiB (default 1GB)")
+    sh.add_argument("--max-images", type=int, help="only the first N images of the folder's order")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the order the samples are stored in")
+    sh.set_defaults(func=cmd_shard)
     return p
 
 

@@ -98,6 +98,14 @@ class FolderImages:
     def name(self, i: int) -> str:
         return self.files[i]
 
+    def read_bytes(self, i: int) -> bytes:
+        """The file's bytes (empty when it cannot be read)."""
+        try:
+            with open(self.files[i], "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
     def load(self, i: int) -> Image.Image | None:
         return decode(self.files[i])
 
