@@ -66,8 +66,15 @@ class WebDatasetLoader:
 
     def pass_of(self, step: int) -> tuple[int, int]:
         """(the reader pass holding ``step``'s first image, the slice this rank reads in it)."""
-        per_rank = (self.rank + 1) * self.usable // self.world - self.rank * self.usable // self.world
-        done = step * self.batch // max(1, per_rank)
+        def size(r):  # images of slice r
+            return (r + 1) * self.usable // self.world - r * self.usable // self.world
+
+        read, done = step * self.batch, 0
+        full = sum(size(r) for r in range(self.world))  # ``world`` passes read every slice once
+        done, read = self.world * (read // full), read % full
+        while read >= size((self.rank + done) % self.world):
+            read -= size((self.rank + done) % self.world)
+            done += 1
         return done, (self.rank + done) % self.world
 
     def pipeline(self):
