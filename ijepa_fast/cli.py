@@ -140,13 +140,13 @@ def _device(args):
 def cmd_extract(args) -> int:
     from pathlib import Path
 
-    from .data import FolderImages
+    from .data import open_images
     from .eval import extract, save
 
     if Path(args.out).suffix not in (".safetensors", ".npy"):
         raise ConfigError(f"--out {args.out}: write features as .safetensors or .npy")
     enc = _encoder(args)
-    feats = extract(enc, FolderImages(args.data), img=args.img, batch_size=args.batch, device=_device(args),
+    feats = extract(enc, open_images(args.data), img=args.img, batch_size=args.batch, device=_device(args),
                     tokens=args.tokens, num_workers=args.workers)
     feats.meta.update({"checkpoint": str(args.checkpoint), "which": args.which})
     out = save(feats, args.out)
@@ -160,7 +160,7 @@ def _features(args, which: str, tokens: bool, classes=None):
     """Features of the train or val split: a features file, or an image folder with --checkpoint."""
     from pathlib import Path
 
-    from .data import FolderImages
+    from .data import open_images
     from .eval import extract, load
 
     path = Path(getattr(args, which) or Path(args.data) / which)
@@ -170,7 +170,7 @@ def _features(args, which: str, tokens: bool, classes=None):
         if not args.checkpoint:
             raise DataError(f"{path} is a folder: pass --checkpoint to extract its features")
         enc = _encoder(args)
-        feats = extract(enc, FolderImages(path), img=args.img, batch_size=args.batch, device=_device(args),
+        feats = extract(enc, open_images(path), img=args.img, batch_size=args.batch, device=_device(args),
                         tokens=tokens, num_workers=args.workers)
     if tokens and feats.tokens is None:
         raise DataError(f"the attentive probe needs patch tokens: extract {path} with --tokens")

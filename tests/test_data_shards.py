@@ -149,3 +149,26 @@ def test_shards_command(tmp_path):
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("shard", src, tmp_path / "out3", "--size", "big", check=False)
     assert p.returncode == 2 and "--size" in p.stderr
+
+
+def test_shards_extract_features_equal_the_folder(tmp_path):
+    from conftest import reference_dir
+
+    from ijepa_fast.checkpoint import encoder_from_checkpoint
+    from ijepa_fast.data import open_images
+    from ijepa_fast.eval import extract
+
+    ckpt = reference_dir() / "ref_ckpt_tiny.pth.tar"
+    if not ckpt.exists():
+        pytest.skip(f"no golden checkpoint at {ckpt}")
+    gold = torch.load(reference_dir() / "ref_step_tiny.pt", weights_only=False)
+    enc = encoder_from_checkpoint(ckpt, num_heads=gold["config"]["num_heads"])
+    img = enc.patch_size * enc.grid[0]
+    src = image_folder(tmp_path / "imgs", per_class=2)
+    write_shards(src, tmp_path / "shards")
+    a = extract(enc, open_images(src), img=img, batch_size=4, progress=False)
+    b = extract(enc, open_images(tmp_path / "shards"), img=img, batch_size=4, progress=False)
+    assert isinstance(open_images(tmp_path / "shards"), ShardImages) and len(a) == len(b) == 6
+    assert torch.equal(a.features, b.features) and torch.equal(a.labels, b.labels)
+    assert [n.rsplit("/", 1)[-1] for n in a.meta["skipped"]] == [n.rsplit("/", 1)[-1] for n in b.meta["skipped"]]
+    assert len(b.meta["skipped"]) == 1

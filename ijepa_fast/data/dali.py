@@ -2,9 +2,9 @@
 
 It walks the same step-indexed order as the PIL loader (``StepBatches``: a seeded permutation
 per epoch, sharded by rank, resumable at any step) and yields the same ``Batch`` objects, the
-images already on the training device. Per image: read the file, RandomResizedCrop fused into
-the decoder (``decoders.image_random_crop``), resize, optional flip, normalise to CHW float (or
-bf16).
+images already on the training device. Per image: read the file (from a shard folder, its bytes
+in the tar), RandomResizedCrop fused into the decoder (``decoders.image_random_crop``), resize,
+optional flip, normalise to CHW float (or bf16).
 
 Bad inputs never crash a run. A reader process checks every file's bytes before DALI sees them
 (a JPEG must end with its end marker, PNG chunks must pass their checksums, other formats must
@@ -17,12 +17,11 @@ step, so they are not bit-identical to an uninterrupted run (the PIL loader's ar
 """
 from __future__ import annotations
 
-import io
 import logging
 
 import torch
 
-from .images import FolderImages
+from .images import FolderImages, usable_bytes
 from .loader import Batch, BatchBuilder, StepBatches, epoch_order
 
 log = logging.getLogger("ijepa_fast")
@@ -43,22 +42,6 @@ def reads_bytes(source) -> bool:
     from .shards import ShardImages
 
     return isinstance(source, (FolderImages, ShardImages))
-
-
-def usable_bytes(data: bytes) -> bool:
-    """A cheap check that a decoder will accept these bytes (not a full decode)."""
-    if len(data) < 8:
-        return False
-    if data[:2] == b"\xff\xd8":  # JPEG: a truncated file lacks its end-of-image marker (allow trailing bytes)
-        return b"\xff\xd9" in data[-4096:]
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()  # PNG: chunk checksums; others: structure
-        return True
-    except Exception:
-        return False
 
 
 SKIP_SLOTS = 4

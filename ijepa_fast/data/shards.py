@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from .images import decode, scan_folder
+from .images import decode, scan_folder, usable_bytes
 
 __all__ = ["INDEX", "ShardImages", "is_shard_folder", "parse_size", "write_shards"]
 
@@ -85,8 +85,10 @@ class _ShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         start = self.tar.offset
         self.tar.addfile(info, io.BytesIO(data))
-        self.data += -(-len(data) // BLOCK) * BLOCK
-        return start + BLOCK  # USTAR, names under 100 characters: one header block
+        padded = -(-len(data) // BLOCK) * BLOCK
+        self.data += padded
+        assert self.tar.offset == start + BLOCK + padded  # USTAR, a short name: one header block
+        return start + BLOCK
 
     def add(self, i: int, key: str, ext: str, data: bytes, label: int, usable: bool) -> None:
         off = self._add(f"{key}.{ext}", data)
@@ -130,8 +132,6 @@ def write_shards(src, out, *, shard_bytes: int = 10**9, max_images: int | None =
     each shard."""
     import random
 
-    from .dali import usable_bytes
-
     src, out = Path(src), Path(out)
     files, labels, classes = scan_folder(src)
     if max_images is not None:
@@ -139,9 +139,19 @@ def write_shards(src, out, *, shard_bytes: int = 10**9, max_images: int | None =
             raise ConfigError(f"--max-images: must be at least 1, got {max_images}")
         files, labels = files[:max_images], labels[:max_images]
     _check_out(out)
-    shards, suspect, unreadable, total, t0 = [], [], [], 0, time.perf_counter()
-    writer, order = None, list(range(len(files)))
+    order = list(range(len(files)))
     random.Random(seed).shuffle(order)
+    try:
+        return _write(out, files, labels, classes, order, shard_bytes=shard_bytes, progress=progress, src=src,
+                      seed=seed)
+    except OSError as e:
+        raise DataError(f"writing shards to {out} failed ({e.strerror or e}); the folder holds an unfinished "
+                        f"write (no {INDEX}): remove it and run again") from None
+
+
+def _write(out, files, labels, classes, order, *, shard_bytes, progress, src, seed) -> dict:
+    shards, suspect, unreadable, total, t0 = [], [], [], 0, time.perf_counter()
+    writer = None
     for done, i in enumerate(order):
         path, label = files[i], labels[i]
         try:
