@@ -7,6 +7,7 @@
     ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
     ijepa-fast extract CHECKPOINT --data DIR [--img 224 --tokens --out F]   features of a frozen encoder
     ijepa-fast probe {linear,attentive,knn,lowshot} --train T --val V [--checkpoint C]   probe accuracy
+    ijepa-fast shard DIR OUT [--size 1GB --max-images N --seed S]   an image folder as tar shards
 
 CONFIG is a YAML path or the name of a built-in config (``ijepa-fast config --list``).
 """
@@ -147,13 +148,13 @@ def _device(args):
 def cmd_extract(args) -> int:
     from pathlib import Path
 
-    from .data import FolderImages
+    from .data import open_images
     from .eval import extract, save
 
     if Path(args.out).suffix not in (".safetensors", ".npy"):
         raise ConfigError(f"--out {args.out}: write features as .safetensors or .npy")
     enc = _encoder(args)
-    feats = extract(enc, FolderImages(args.data), img=args.img, batch_size=args.batch, device=_device(args),
+    feats = extract(enc, open_images(args.data), img=args.img, batch_size=args.batch, device=_device(args),
                     tokens=args.tokens, num_workers=args.workers)
     feats.meta.update({"checkpoint": str(args.checkpoint), "which": args.which})
     out = save(feats, args.out)
@@ -167,7 +168,7 @@ def _features(args, which: str, tokens: bool, classes=None):
     """Features of the train or val split: a features file, or an image folder with --checkpoint."""
     from pathlib import Path
 
-    from .data import FolderImages
+    from .data import open_images
     from .eval import extract, load
 
     path = Path(getattr(args, which) or Path(args.data) / which)
@@ -177,7 +178,7 @@ def _features(args, which: str, tokens: bool, classes=None):
         if not args.checkpoint:
             raise DataError(f"{path} is a folder: pass --checkpoint to extract its features")
         enc = _encoder(args)
-        feats = extract(enc, FolderImages(path), img=args.img, batch_size=args.batch, device=_device(args),
+        feats = extract(enc, open_images(path), img=args.img, batch_size=args.batch, device=_device(args),
                         tokens=tokens, num_workers=args.workers)
     if tokens and feats.tokens is None:
         raise DataError(f"the attentive probe needs patch tokens: extract {path} with --tokens")
@@ -249,6 +250,12 @@ def _rounded(x):
     if isinstance(x, list):
         return [_rounded(v) for v in x]
     return x
+
+
+def cmd_shard(args) -> int:
+    from .data.shards import run_command
+
+    return run_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--md", help="also append a Markdown table row (kind | train | val | top-1 | top-5)")
     encoder_args(pr)
     pr.set_defaults(func=cmd_probe)
+
+    sh = sub.add_parser("shard", help="write an image folder as webdataset-style tar shards",
+                        description="Tar shards of an image folder (class sub-folders or flat) with an index, for "
+                                    "data.path; see docs/training.md.")
+    sh.add_argument("folder", metavar="DIR", help="the image folder")
+    sh.add_argument("out", metavar="OUT", help="a new or empty folder for the shards")
+    sh.add_argument("--size", default="1GB", help="largest shard, e.g. 500MB, 1GB, 2GiB (default 1GB)")
+    sh.add_argument("--max-images", type=int, help="only the first N images of the folder's order")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the order the samples are stored in")
+    sh.set_defaults(func=cmd_shard)
     return p
 
 

@@ -73,7 +73,8 @@ class DataConfig:
     source: str = opt("folder", "'folder': images under data.path; 'demo': generated images (no files); "
                       "'digits': scikit-learn's handwritten digits, upsampled to data.demo_size",
                       ("folder", "demo", "digits"))
-    path: str | None = opt(None, "image folder: ImageNet layout (class sub-folders) or flat")
+    path: str | None = opt(None, "image folder: ImageNet layout (class sub-folders) or flat; or a shard folder "
+                           "written by `ijepa-fast shard` (found by its index.json)")
     batch_size: int = opt(128, "images per step per process")
     crop_size: int = opt(224, "training resolution (RandomResizedCrop output side)")
     crop_scale: tuple[float, float] = opt((0.3, 1.0), "RandomResizedCrop area range")
@@ -82,8 +83,9 @@ class DataConfig:
     mean: tuple[float, float, float] = opt((0.485, 0.456, 0.406), "normalisation mean")
     std: tuple[float, float, float] = opt((0.229, 0.224, 0.225), "normalisation std")
     loader: str = opt("auto", "'dali' (decode and augment with NVIDIA DALI, on the GPU when there is one), 'pil' "
-                      "(Pillow in worker processes), or 'auto' (DALI for image folders on CUDA when installed)",
-                      ("auto", "dali", "pil"))
+                      "(Pillow in worker processes), 'auto' (DALI for image and shard folders on CUDA when installed), "
+                      "or 'dali_webdataset' (shard folders through DALI's own webdataset reader: DALI's order, see "
+                      "docs/training.md)", ("auto", "dali", "pil", "dali_webdataset"))
     num_workers: int = opt(8, "data-loading worker processes (0 = in the main process)")
     pin_memory: bool = opt(True, "pin host batches (CUDA only)")
     demo_images: int = opt(2048, "number of generated images (source=demo)")

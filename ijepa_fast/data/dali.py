@@ -2,9 +2,9 @@
 
 It walks the same step-indexed order as the PIL loader (``StepBatches``: a seeded permutation
 per epoch, sharded by rank, resumable at any step) and yields the same ``Batch`` objects, the
-images already on the training device. Per image: read the file, RandomResizedCrop fused into
-the decoder (``decoders.image_random_crop``), resize, optional flip, normalise to CHW float (or
-bf16).
+images already on the training device. Per image: read the file (from a shard folder, its bytes
+in the tar), RandomResizedCrop fused into the decoder (``decoders.image_random_crop``), resize,
+optional flip, normalise to CHW float (or bf16).
 
 Bad inputs never crash a run. A reader process checks every file's bytes before DALI sees them
 (a JPEG must end with its end marker, PNG chunks must pass their checksums, other formats must
@@ -17,12 +17,11 @@ step, so they are not bit-identical to an uninterrupted run (the PIL loader's ar
 """
 from __future__ import annotations
 
-import io
 import logging
 
 import torch
 
-from .images import FolderImages
+from .images import FolderImages, usable_bytes
 from .loader import Batch, BatchBuilder, StepBatches, epoch_order
 
 log = logging.getLogger("ijepa_fast")
@@ -38,37 +37,43 @@ def available() -> str | None:
         return None
 
 
-def usable_bytes(data: bytes) -> bool:
-    """A cheap check that a decoder will accept these bytes (not a full decode)."""
-    if len(data) < 8:
-        return False
-    if data[:2] == b"\xff\xd8":  # JPEG: a truncated file lacks its end-of-image marker (allow trailing bytes)
-        return b"\xff\xd9" in data[-4096:]
-    try:
-        from PIL import Image
+def reads_bytes(source) -> bool:
+    """Whether the DALI loader can read ``source``: an image folder or a shard folder."""
+    from .shards import ShardImages
 
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()  # PNG: chunk checksums; others: structure
-        return True
-    except Exception:
-        return False
+    return isinstance(source, (FolderImages, ShardImages))
 
 
 SKIP_SLOTS = 4
 
 
+def augment(data, c, gpu: bool):
+    """The DALI graph from encoded bytes to a training image: RandomResizedCrop fused into the
+    decoder, resize, optional flip, normalisation to CHW float (``c``: a DataConfig)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    img = fn.decoders.image_random_crop(data, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                        random_area=list(c.crop_scale), random_aspect_ratio=list(c.crop_ratio),
+                                        num_attempts=10)
+    img = fn.resize(img, resize_x=c.crop_size, resize_y=c.crop_size)
+    mirror = fn.random.coin_flip(probability=0.5) if c.hflip else 0
+    return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
+                                    mean=[255 * m for m in c.mean], std=[255 * s for s in c.std])
+
+
 class _Files:
     """The per-sample callback of DALI's parallel external source (picklable: runs in workers)."""
 
-    def __init__(self, files, batch_size, start, seed, rank, world):
-        self.files, self.batch, self.start = files, batch_size, start
+    def __init__(self, source, batch_size, start, seed, rank, world):
+        self.source, self.n, self.batch, self.start = source, len(source), batch_size, start
         self.seed, self.rank, self.world = seed, rank, world
-        self.steps_per_epoch = len(files) // (batch_size * world)
+        self.steps_per_epoch = self.n // (batch_size * world)
         self._order = {}
 
     def order(self, epoch):
         if epoch not in self._order:
-            self._order = {epoch: epoch_order(len(self.files), epoch, self.seed).tolist()}
+            self._order = {epoch: epoch_order(self.n, epoch, self.seed).tolist()}
         return self._order[epoch]
 
     def index(self, step, j):
@@ -83,11 +88,7 @@ class _Files:
         epoch, idx = self.index(step, info.idx_in_batch)
         order, pos, bad = None, None, []
         for _ in range(64):
-            try:
-                with open(self.files[idx], "rb") as f:
-                    data = f.read()
-            except OSError:
-                data = b""
+            data = self.source.read_bytes(idx)
             if usable_bytes(data):
                 # [image used, number of files skipped for it, the first SKIP_SLOTS of them (-1 = none)]
                 slots = (bad + [-1] * SKIP_SLOTS)[:SKIP_SLOTS]
@@ -97,17 +98,31 @@ class _Files:
             pos = order.index(idx) if pos is None else pos
             pos = (pos + 1) % len(order)
             idx = order[pos]
-        raise RuntimeError(f"64 unusable images in a row near {self.files[idx]}; is the data readable?")
+        raise RuntimeError(f"64 unusable images in a row near {self.source.name(idx)}; is the data readable?")
+
+
+def to_torch(images, device: torch.device) -> torch.Tensor:
+    """A dense DALI batch as a float tensor on ``device``."""
+    import numpy as np
+
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = images.as_tensor()
+        out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(images.as_tensor()))
 
 
 class DaliLoader:
     """Iterates ``Batch`` objects for steps start .. stop-1 (see the module docstring)."""
 
-    def __init__(self, source: FolderImages, data_cfg, sampler, batch_size: int, start: int, stop: int, *,
+    def __init__(self, source, data_cfg, sampler, batch_size: int, start: int, stop: int, *,
                  seed: int = 0, rank: int = 0, world: int = 1, device: torch.device | None = None,
                  num_workers: int = 4, transform=None):
-        if not isinstance(source, FolderImages):
-            raise ValueError("the DALI loader reads image folders (data.source=folder)")
+        if not reads_bytes(source):
+            raise ValueError("the DALI loader reads image folders and shard folders (data.source=folder)")
         self.source, self.cfg, self.sampler = source, data_cfg, sampler
         self.batch, self.start, self.stop = batch_size, start, stop
         self.seed, self.rank, self.world = seed, rank, world
@@ -128,7 +143,7 @@ class DaliLoader:
 
         c = self.cfg
         gpu = self.device.type == "cuda"
-        files = _Files(self.source.files, self.batch, start, self.seed, self.rank, self.world)
+        files = _Files(self.source, self.batch, start, self.seed, self.rank, self.world)
 
         @pipeline_def(batch_size=self.batch, num_threads=self.workers,
                       device_id=(self.device.index or 0) if gpu else None,
@@ -137,14 +152,7 @@ class DaliLoader:
         def pipe():
             data, info = fn.external_source(source=files, num_outputs=2, batch=False, parallel=True,
                                             dtype=[types.UINT8, types.INT64])
-            img = fn.decoders.image_random_crop(data, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                                random_area=list(c.crop_scale), random_aspect_ratio=list(c.crop_ratio),
-                                                num_attempts=10)
-            img = fn.resize(img, resize_x=c.crop_size, resize_y=c.crop_size)
-            mirror = fn.random.coin_flip(probability=0.5) if c.hflip else 0
-            img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
-                                           mean=[255 * m for m in c.mean], std=[255 * s for s in c.std])
-            return img, info
+            return augment(data, c, gpu), info
 
         p = pipe()
         p.build()
@@ -171,14 +179,7 @@ class DaliLoader:
     def _batch(self, step, epoch, images, info) -> Batch:
         import numpy as np
 
-        if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
-            dense = images.as_tensor()
-            out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
-            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
-        else:
-            out = torch.from_numpy(np.array(images.as_tensor()))
+        out = to_torch(images, self.device)
         meta = np.array(info.as_tensor()).reshape(-1, 2 + SKIP_SLOTS)
         idx = meta[:, 0].tolist()
         skipped = []

@@ -5,6 +5,7 @@ cannot be used (unreadable, truncated, not an image); callers skip and count tho
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from PIL import Image, ImageFile
 
 from ..errors import DataError
 
-__all__ = ["DataError", "FolderImages", "TensorImages", "decode", "scan_folder", "to_rgb"]
+__all__ = ["DataError", "FolderImages", "TensorImages", "decode", "scan_folder", "to_rgb", "usable_bytes"]
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
@@ -85,6 +86,20 @@ def decode(path: str) -> Image.Image | None:
         return None
 
 
+def usable_bytes(data: bytes) -> bool:
+    """A cheap check that a decoder will accept these bytes (not a full decode)."""
+    if len(data) < 8:
+        return False
+    if data[:2] == b"\xff\xd8":  # JPEG: a truncated file lacks its end-of-image marker (allow trailing bytes)
+        return b"\xff\xd9" in data[-4096:]
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()  # PNG: chunk checksums; others: structure
+        return True
+    except Exception:
+        return False
+
+
 class FolderImages:
     """Images of a folder; labels are -1 for a flat folder."""
 
@@ -97,6 +112,14 @@ class FolderImages:
 
     def name(self, i: int) -> str:
         return self.files[i]
+
+    def read_bytes(self, i: int) -> bytes:
+        """The file's bytes (empty when it cannot be read)."""
+        try:
+            with open(self.files[i], "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
 
     def load(self, i: int) -> Image.Image | None:
         return decode(self.files[i])

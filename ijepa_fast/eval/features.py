@@ -81,7 +81,8 @@ def encode(encoder, images: torch.Tensor, tokens: bool = False) -> tuple[torch.T
 @keyword_only(2, ("img", "batch_size", "device", "tokens", "num_workers", "progress"))
 def extract(encoder, source, *, img: int = 224, batch_size: int = 64, device: str | torch.device = "cpu",
             tokens: bool = False, num_workers: int = 0, progress: bool = True) -> Features:
-    """Features of every image of ``source`` (a FolderImages or DemoImages); see the module docstring."""
+    """Features of every image of ``source`` (an image or shard folder, or DemoImages); see the module
+    docstring."""
     from ..runlog import Progress
 
     device = torch.device(device)
