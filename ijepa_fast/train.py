@@ -33,7 +33,7 @@ from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_confi
 from .runlog import Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import make_optimizer, read_results, train_step
-from .train_setup import resolve_device, scaled_optim
+from .train_setup import resolve_device, scaled_optim, warm_up_buckets
 from .train_state import CheckpointManager, load_for_resume
 
 try:
@@ -211,6 +211,7 @@ class Trainer:
         if self.step >= stop:
             log.info(f"nothing to do: the run is at step {self.step} of {stop}")
             return self.run_dir
+        warm_up_buckets(self)
         loader = self.make_loader(stop)
         self.monitor = CollapseMonitor(self.source, c.data.crop_size, c.run, seed=c.run.seed, device=self.device)
         writer = open_loggers(c, self.run_dir, self.step) if self.rank == 0 else None  # metrics.jsonl and others

@@ -28,3 +28,31 @@ def scaled_optim(cfg: Config, global_batch: int):
         return o, 1.0
     f = global_batch / o.base_batch
     return dataclasses.replace(o, lr=o.lr * f, start_lr=o.start_lr * f, final_lr=o.final_lr * f), f
+
+
+def warm_up_buckets(trainer, batches: int = 32, force: bool = False) -> int:
+    """With token buckets and compile (``perf.token_buckets``, ``perf.compile``): one forward and
+    backward per distinct bucketed shape among the masks of the next ``batches`` steps, so that the
+    static-shape blocks compile before training rather than on the first step of each bucket.
+    Zero images, the step's precision; weights, gradients, optimiser and random state untouched.
+    Returns the number of shapes compiled (0 when the switches are off and ``force`` is not set)."""
+    import time
+
+    from . import perf
+    from .runlog import log
+    from .step import autocast_dtype
+
+    c = trainer.cfg
+    if not force and not (c.perf.compile and c.perf.token_buckets):
+        return 0
+    b = c.data.batch_size // c.optim.accum_steps
+    dtype = trainer.master.dtype if trainer.master is not None else torch.float32
+    images = torch.zeros(b, 3, c.data.crop_size, c.data.crop_size, device=trainer.device, dtype=dtype)
+    masks = [trainer.sampler.sample(b, trainer.step + i) for i in range(batches)]
+    half = None if trainer.master is not None else autocast_dtype(trainer.device, c.run.precision)
+    t0 = time.time()
+    with torch.autocast(trainer.device.type, dtype=half or torch.float32, enabled=half is not None):
+        n = perf.warm_up(trainer.run_model, images, masks)
+    log.info(f"token buckets: {n} block shapes compiled before training in {time.time() - t0:.1f} s "
+             f"(the masks of the next {batches} steps)")
+    return n

@@ -152,3 +152,26 @@ def test_fused_tail_trainer_deferred_nan_stops_with_the_last_good_checkpoint(tmp
         assert torch.equal(trainer.model.target_encoder.state_dict()[name.removeprefix("module.")], v), name
     log = (tmp_path / "train.log").read_text()
     assert "optimiser fused_tail" in log and "Nothing was updated by this step or the ones after it" in log
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_fused_tail_deferred_step_has_no_host_sync(layout):
+    """The whole lean step (forward, backward, norm, finiteness, AdamW, EMA, bf16 refresh) with the
+    fused tail and ``sync=False`` reads nothing back; the synchronous step reads once."""
+    from ijepa_fast.profiling import count_host_syncs
+
+    lean = _lean("reference")
+    model, mw, opt, tail = lean
+    for m in (model, mw.compute):
+        m.configure_layout(layout, "padded")
+    _run(lean, [0])  # first use builds the tail's tables
+    images, masks = _batch(model, seed=1, step=1)
+    masks = mw.compute.prepare(masks)  # on the host, before the batch goes to the device (as the trainer does)
+    with count_host_syncs() as syncs:
+        res = train_step(model, opt, images, masks, 1, SCHED, master=mw, tail=tail, sync=False, halt=None)
+    assert res.deferred and syncs.total == 0, syncs.report()
+    images, masks = _batch(model, seed=2, step=2)
+    masks = mw.compute.prepare(masks)
+    with count_host_syncs() as syncs:
+        train_step(model, opt, images, masks, 2, SCHED, master=mw, tail=tail)
+    assert syncs.counts() == {"tolist": 1}, syncs.report()

@@ -14,9 +14,15 @@ those ops unconditionally. Only when the compiled library fails to load does
 anything imports torchvision; the real torchvision, timm and transformers are imported. The model
 code under test never calls a torchvision op (timm's VisionTransformer and transformers'
 IJepaModel are plain torch); nothing else is replaced.
+
+timm cannot be a test extra: its torchvision requirement resolves to a CUDA build of torch. CI installs
+timm and torchvision without dependencies into a folder of their own and names it in
+``IJEPA_FAST_TIMM_SITE``, which this module (only) puts on the import path, so that other processes of
+the suite (Lightning imports torchvision when it finds one) never see that torchvision.
 """
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import types
@@ -55,6 +61,8 @@ def _stub_unloadable_torchvision_ops():
     sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
 
 
+if os.path.isdir(os.environ.get("IJEPA_FAST_TIMM_SITE", "")):
+    sys.path.append(os.environ["IJEPA_FAST_TIMM_SITE"])
 _stub_unloadable_torchvision_ops()
 
 

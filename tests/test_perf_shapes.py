@@ -117,3 +117,28 @@ def test_selective_checkpointing_with_compile_and_bf16_copy():
     ls, gs = _grads(lean, images.bfloat16(), masks)
     assert torch.equal(lb, ls) and all(torch.equal(a, b) for a, b in zip(gb, gs))
     assert all(g.dtype == torch.bfloat16 for g, p in zip(gs, lean.parameters()) if p.dtype == torch.bfloat16)
+
+
+def test_trainer_warm_up_runs_each_bucket_and_changes_nothing(tiny_cfg, tmp_path):
+    """The trainer's warm-up before training (token buckets with compile) runs one pass per distinct
+    bucket among the coming steps' masks and leaves weights, gradients and random state alone."""
+    import dataclasses
+
+    from ijepa_fast.buckets import shape_key
+    from ijepa_fast.train import Trainer
+    from ijepa_fast.train_setup import warm_up_buckets
+
+    cfg = dataclasses.replace(tiny_cfg)
+    cfg.perf.token_buckets = 4
+    cfg.run.dir = str(tmp_path / "run")
+    trainer = Trainer(cfg)
+    assert warm_up_buckets(trainer) == 0  # compile is off: nothing to warm up
+    before = {n: p.detach().clone() for n, p in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    b = cfg.data.batch_size
+    want = {shape_key(trainer.run_model.prepare(trainer.sampler.sample(b, s))) for s in range(32)}
+    assert warm_up_buckets(trainer, force=True) == len(want) >= 1
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in trainer.run_model.parameters())
+    for n, p in trainer.model.state_dict().items():
+        assert torch.equal(p, before[n]), n
