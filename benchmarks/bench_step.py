@@ -78,6 +78,18 @@ def report(path, md, command):
     open(md, "w").write(text)
 
 
+def parse_variant(text: str) -> dict:
+    """'optimizer=fused_tail,token_buckets=4' -> {'optimizer': 'fused_tail', 'token_buckets': '4'}
+    (values are typed and checked by the config when the step is built)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--perf {text!r}: expected KEY=VALUE items separated by commas")
+        out[key.strip().removeprefix("perf.")] = value.strip()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vit_huge:14:128,vit_base:16:256,vit_large:16:128,vit_giant:16:16")
@@ -86,6 +98,10 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--masks", default="reference,default")
     p.add_argument("--paths", default="fast", help="comma list of plain, fast, fp8 (= fp8-rowwise), fp8-tensorwise")
+    p.add_argument("--perf", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="a variant of the fast path with these perf.* settings (repeat for several variants), "
+                        "e.g. --perf optimizer=fused_tail --perf activation_checkpointing=selective,"
+                        "selective_blocks=predictor")
     p.add_argument("--device", default="cuda")
     p.add_argument("--reference", action="store_true", help="also time the released step (needs .bench_ref)")
     p.add_argument("--reference-variants", default="released",
@@ -110,6 +126,7 @@ def main():
     peak = matmul_peak_tflops(device)
     if peak:
         emit({"bench": "matmul_peak", "tflops_bf16_8192": round(peak, 1), **env}, args.out)
+    variants = [parse_variant(v) for v in args.perf]
     rows = []
     for item in args.models.split(","):
         model, patch, batch = item.split(":")
@@ -118,16 +135,18 @@ def main():
             rows += reference_rows(model, patch, batch, steps=args.steps, warmup=args.warmup, out=args.out, env=env,
                                    variants=args.reference_variants.split(","), masks=args.reference_masks)
         for mode in args.masks.split(","):
-            for path in args.paths.split(","):
+            for path, variant in [(p_, v) for p_ in args.paths.split(",") for v in (variants or [{}])
+                                  if p_ != "plain" or not v]:
                 fp8 = {"fp8": "rowwise", "fp8-rowwise": "rowwise", "fp8-tensorwise": "tensorwise"}.get(path)
                 spec = BenchSpec(model=model, patch=int(patch), img=args.img, batch=int(batch), pred_depth=pred_depth,
-                                 mask_mode=mode, fast=path != "plain", fp8=fp8, steps=args.steps, warmup=args.warmup,
-                                 device=args.device)
+                                 mask_mode=mode, fast=path != "plain", fp8=fp8, perf=variant, steps=args.steps,
+                                 warmup=args.warmup, device=args.device)
                 try:
                     row = {**run(spec, peak), **env}
                 except torch.cuda.OutOfMemoryError:
                     row = {"bench": "step", "model": model, "patch": int(patch), "batch": int(batch), "masks": mode,
-                           "fast": path != "plain", "fp8": fp8, "error": "out of memory", **env}
+                           "fast": path != "plain", "fp8": fp8, "perf": [f"{k}={v}" for k, v in variant.items()],
+                           "error": "out of memory", **env}
                     torch.cuda.empty_cache()
                 rows.append(row)
                 emit(row, args.out)

@@ -5,9 +5,14 @@
 # both) and at default masks; FP8 step rows; on request the FP8-vs-bf16 digits quality gate; the
 # profile of the ViT-H/14 step when benchmarks/profile_step.py exists. Figures go to $OUT (default
 # benchmarks/results) as *_<card>.jsonl / *_<card>.md, with the card, versions and commit; the whole
-# log to $OUT/gpu_log_<card>.txt. The default set fits in about 9 minutes on one H200.
+# log to $OUT/gpu_log_<card>.txt. Stages: checks, kernels, step, variants (ViT-H/14 with the fused
+# optimiser tail, token buckets and activation checkpointing: speed and peak memory), fp8, report,
+# profile.
 #
-#   bash benchmarks/run_gpu.sh                 # the default set
+#   bash benchmarks/run_gpu.sh                 # the default set (about 13 minutes in all)
+#   export BENCH_RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)                 # the same set in two calls of under
+#   STAGES=checks,kernels,step bash benchmarks/run_gpu.sh          # 10 minutes each, on the same machine:
+#   STAGES=variants,fp8,report,profile bash benchmarks/run_gpu.sh  # one run id, so one report page
 #   FULL=1 bash benchmarks/run_gpu.sh          # also the compiled released step, FP8 tensorwise, FP8 at default
 #                                              # masks and for ViT-B/16 (about 6 more minutes)
 #   QUALITY=1 bash benchmarks/run_gpu.sh       # also the FP8 quality gate on the digits (a few minutes)
@@ -20,7 +25,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 MODELS=${MODELS:-vit_huge:14:128,vit_base:16:256,vit_large:16:128,vit_giant:16:16}
 FULL=${FULL:-0} QUALITY=${QUALITY:-0} STEPS=${STEPS:-8} WARMUP=${WARMUP:-3}
-TESTS_S=${TESTS_S:-90} KERNELS_S=${KERNELS_S:-35} FP8_S=${FP8_S:-75} QUALITY_S=${QUALITY_S:-420}
+STAGES=${STAGES:-checks,kernels,step,variants,fp8,report,profile} VARIANTS_S=${VARIANTS_S:-240}
+stage() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+TESTS_S=${TESTS_S:-150} KERNELS_S=${KERNELS_S:-35} FP8_S=${FP8_S:-75} QUALITY_S=${QUALITY_S:-420}
 PROFILE_S=${PROFILE_S:-60}
 step_cap() {  # per-model cap of the step stage (seconds): STEP_S overrides all
     case $1 in vit_huge*) echo "${STEP_S:-100}" ;; vit_large*) echo "${STEP_S:-65}" ;; *) echo "${STEP_S:-55}" ;; esac
@@ -57,17 +64,23 @@ if [ "${SEARCH:-0}" = 1 ]; then
     search_pid=$!
 fi
 
-echo "== correctness on $card (kernels compiled for the card, attention backends, golden step; cap ${TESTS_S}s)"
-timeout "$TESTS_S" python -m pytest tests/test_kernel*.py tests/test_varlen.py tests/test_reference_golden.py \
-    -q -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests_$card.txt"
+if stage checks; then
+echo "== correctness on $card (kernels compiled for the card, the fused optimiser tail, attention backends, host syncs, token buckets, golden step; cap ${TESTS_S}s)"
+timeout "$TESTS_S" python -m pytest tests/test_kernel*.py tests/test_fused_tail.py tests/test_varlen.py \
+    tests/test_syncs.py tests/test_buckets.py tests/test_reference_golden.py \
+    -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests_$card.txt"
+fi
 if [ -n "$search_pid" ]; then
     wait "$search_pid"
     tail -25 "$OUT/search_log_$card.txt"
 fi
 
+if stage kernels; then
 echo "== kernels (cap ${KERNELS_S}s)"
 timeout "$KERNELS_S" python benchmarks/bench_kernels.py --out "$OUT/kernels_$card.jsonl" --md "$OUT/kernels_$card.md"
+fi
 
+if stage step; then
 echo "== training step at equal work: the released step fed our reference-mode masks, ours at reference and default masks"
 refs=released
 [ "$FULL" = 1 ] && refs=released,compiled
@@ -79,7 +92,18 @@ for item in ${MODELS//,/ }; do
     timeout "$cap" python benchmarks/bench_step.py --models "$item" --masks reference,default --paths fast \
         --steps "$STEPS" --warmup "$WARMUP" --reference --reference-variants "$variants" --out "$OUT/step_$card.jsonl"
 done
+fi
 
+if stage variants; then
+echo "== ViT-H/14 b128 at reference masks (equal work): the fused optimiser tail, token buckets, activation checkpointing (cap ${VARIANTS_S}s)"
+timeout "$VARIANTS_S" python benchmarks/bench_step.py --models vit_huge:14:128 --masks reference --paths fast \
+    --perf optimizer=fused_tail --perf optimizer=fused_tail,token_buckets=4 \
+    --perf optimizer=fused_tail,activation_checkpointing=selective,selective_blocks=predictor \
+    --perf optimizer=fused_tail,activation_checkpointing=full \
+    --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/step_$card.jsonl"
+fi
+
+if stage fp8; then
 echo "== FP8 step rows (torchao float8 on the encoders' linear layers; cap ${FP8_S}s each)"
 fp8_runs="vit_huge:14:128@reference@fp8"
 [ "$FULL" = 1 ] && fp8_runs="vit_huge:14:128@reference,default@fp8,fp8-tensorwise vit_base:16:256@reference@fp8,fp8-tensorwise"
@@ -89,8 +113,11 @@ for run in $fp8_runs; do
     timeout "$FP8_S" python benchmarks/bench_step.py --models "$item" --masks "$masks" --paths "$paths" \
         --steps "$STEPS" --warmup "$WARMUP" --out "$OUT/step_$card.jsonl"
 done
+fi
+if stage report; then
 python benchmarks/bench_step.py --report "$OUT/step_$card.jsonl" --md "$OUT/step_$card.md" \
     && sed -n '/^## Goals/,$p' "$OUT/step_$card.md"
+fi
 
 if [ "$QUALITY" = 1 ]; then
     echo "== FP8 quality gate: digits, stable recipe, bf16 then FP8 rowwise (cap ${QUALITY_S}s)"
@@ -98,7 +125,7 @@ if [ "$QUALITY" = 1 ]; then
         --out "$OUT/fp8_quality_$card.jsonl" --md "$OUT/fp8_quality_$card.md"
 fi
 
-if [ -f benchmarks/profile_step.py ]; then
+if stage profile; then
     echo "== profile of the ViT-H/14 step (cap ${PROFILE_S}s)"
     timeout "$PROFILE_S" python benchmarks/profile_step.py --model vit_huge --patch 14 --batch 128 --masks reference \
         --out "$OUT/profile_$card.jsonl" --md "$OUT/profile_$card.md"

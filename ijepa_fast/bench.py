@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .bench_report import RECIPES, add_spec_mfu, gpu_hours  # noqa: F401  (RECIPES: re-exported)
-from .config import MaskConfig, PerfConfig
+from .config import MaskConfig, PerfConfig, merge
 from .masks import MultiBlockSampler
 from .model import IJEPA
 from .models import VIT_SIZES
 from .perf import apply as apply_perf
-from .perf import optimizer_impl
+from .perf import fused_tail, optimizer_impl, warm_up
 from .schedules import Schedules
-from .step import make_optimizer, train_step
+from .step import make_optimizer, read_results, train_step
 
 PUBLISHED_BATCH = {"vit_base": 256, "vit_large": 128, "vit_huge": 128, "vit_giant": 16, "vit_small": 256,
                    "vit_tiny": 256}
@@ -82,6 +82,7 @@ class BenchSpec:  # keyword-only: ten fields of like types
     mask_mode: str = "reference"
     fast: bool = True
     fp8: str | None = None  # 'rowwise' or 'tensorwise' on the fast path (perf.fp8)
+    perf: dict = field(default_factory=dict)  # more perf.* settings on the fast path: {"optimizer": "fused_tail"}
     steps: int = 10
     warmup: int = 3
     device: str = "cuda"
@@ -95,10 +96,15 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
     model = model.to(device)
     perf = PerfConfig(bf16_weights=spec.fast and device.type == "cuda", compile=spec.fast and device.type == "cuda",
                       optimizer="auto" if spec.fast else "foreach", fp8=spec.fp8 or "false")
+    if spec.perf:
+        if not spec.fast:
+            raise ValueError("perf settings apply to the fast path only")
+        merge(perf, dict(spec.perf), "perf.")
     model.configure_kernels("auto" if spec.fast else "reference")
     model.configure_layout("auto" if spec.fast else "padded")
     optimizer = make_optimizer(model, impl=optimizer_impl(perf, device))
     run_model, master = apply_perf(model, perf, device)
+    tail = fused_tail(model, optimizer, master, perf, device)
     sched = Schedules(steps_per_epoch=1000, epochs=100)
     grid = model.grid
     sampler = MultiBlockSampler(grid, MaskConfig(mode=spec.mask_mode), seed=0)
@@ -110,10 +116,14 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
     images = torch.randn(spec.batch, 3, spec.img, spec.img, device=device)
     precision = "fp32" if device.type != "cuda" else "bf16"
 
-    def step(i):
-        return train_step(model, optimizer, images, prepared[i], i, sched, precision=precision, master=master)
+    def step(i):  # with the fused tail, as the trainer runs it: no host synchronisation in the step
+        return train_step(model, optimizer, images, prepared[i], i, sched, precision=precision, master=master,
+                          tail=tail, sync=tail is None)
 
     t0 = time.time()
+    if perf.token_buckets and perf.compile:  # every bucket compiled before timing, as the trainer does
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=master is None and precision == "bf16"):
+            warm_up(run_model, images.to(master.dtype) if master is not None else images, pool)
     for i in range(spec.warmup):
         step(i)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -134,6 +144,8 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
             t = time.perf_counter()
             res = step(i)
             times.append(time.perf_counter() - t)
+    if res.deferred:
+        (res,) = read_results([(spec.warmup + spec.steps - 1, res)])
     sec = statistics.median(times)
     n = grid[0] * grid[1]
     flops = model_flops_per_image(model, n, ctx, tgt / k, k)
@@ -146,8 +158,8 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
            "gflop_per_img": round(flops / 1e9, 1), "tflops": round(flops * spec.batch / sec / 1e12, 2),
            "loss": round(res.loss, 4), "warmup_s": round(warm_s, 1), "layout": _layout(prepared[0]),
            "kernels": model.kernels, "perf": [k_ for k_ in ("bf16_weights", "compile") if getattr(perf, k_)]
-           + ([f"fp8={spec.fp8}"] if spec.fp8 else []),
-           "optimizer": optimizer_impl(perf, device)}
+           + ([f"fp8={spec.fp8}"] if spec.fp8 else []) + [f"{k_}={v}" for k_, v in spec.perf.items()],
+           "optimizer": "fused_tail" if tail is not None else optimizer_impl(perf, device)}
     if peak_tflops:
         row["matmul_peak_tflops"] = round(peak_tflops, 1)
         row["mfu"] = round(row["tflops"] / peak_tflops, 3)

@@ -123,3 +123,39 @@ def test_released_step_collator_draws_our_bench_masks():
         want = ours.sample(8, step)
         assert len(enc) == 1 and len(pred) == 4
         assert torch.equal(torch.stack(enc), want.context) and torch.equal(torch.stack(pred), want.targets)
+
+
+def test_goal_takes_the_fastest_variant_that_passes_its_checks():
+    """With several fast-path variants (``--perf``), the ViT-H goal is judged on the fastest row that
+    also meets its MFU and memory bounds, and names the variant."""
+    refs = [_released("vit_huge", 14, 128, 100.0)]
+    fast_big = _ours("vit_huge", 14, 128, "reference", 260.0, mfu=0.6, peak_mem_gib=41.0, perf=["bf16_weights"])
+    slower_small = _ours("vit_huge", 14, 128, "reference", 230.0, mfu=0.55, peak_mem_gib=28.0,
+                         perf=["bf16_weights", "activation_checkpointing=selective"])
+    slowest_small = _ours("vit_huge", 14, 128, "reference", 225.0, mfu=0.54, peak_mem_gib=20.0,
+                          perf=["bf16_weights", "activation_checkpointing=full"])
+    rows = [fast_big, slower_small, slowest_small]
+    random.shuffle(rows)
+    goal = evaluate_goals(rows, refs)[0]
+    assert goal["status"] == "met" and "2.30x" in goal["figure"] and "selective" in goal["figure"], goal
+    goal = evaluate_goals([fast_big], refs)[0]  # fast enough, but over 30 GiB
+    assert goal["status"] == "not met" and "41.0 GiB" in goal["figure"], goal
+
+
+def test_bench_run_takes_perf_variants_on_the_cpu():
+    """``BenchSpec.perf``: a fast-path variant (the fused tail, without host syncs) runs and is named
+    in the row; its loss equals the plain foreach AdamW step's on the same masks and images."""
+    from ijepa_fast.bench import BenchSpec, run
+
+    base = dict(model="vit_tiny", patch=16, img=224, batch=2, pred_depth=1, mask_mode="reference", steps=2,
+                warmup=1, device="cpu")
+    tail = run(BenchSpec(**base, fast=True, perf={"optimizer": "fused_tail"}))
+    plain = run(BenchSpec(**base, fast=True))
+    assert tail["optimizer"] == "fused_tail" and "optimizer=fused_tail" in tail["perf"]
+    assert plain["optimizer"] == "foreach"
+    assert abs(tail["loss"] - plain["loss"]) < 1e-3 * abs(plain["loss"]) + 1e-6
+    import pytest
+
+    from ijepa_fast.errors import ConfigError
+    with pytest.raises(ConfigError, match="perf.optimizer"):
+        run(BenchSpec(**base, fast=True, perf={"optimizer": "adam"}))
