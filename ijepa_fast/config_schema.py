@@ -124,7 +124,8 @@ class PerfConfig:
                                                "pass: 'full' (or true: the whole block; least memory, about a "
                                                "third more compute) or 'selective' (keep matmul and attention "
                                                "outputs, recompute layer norms, GELU, adds)",
-                                               (False, True, "full", "selective"))
+                                               (False, True, "full", "selective"),
+                                               aliases={"none": False, "off": False})
     selective_blocks: str = opt("all", "with activation_checkpointing=selective: the blocks that recompute "
                                 "selectively; the others recompute fully ('predictor': its many short "
                                 "sequences hold most activations)", ("all", "predictor", "encoder"))
@@ -136,7 +137,8 @@ class PerfConfig:
     fp8: str = opt("false", "float8 matmuls in the context and target encoders' linear layers (torchao; CUDA compute "
                    "capability >= 8.9): 'rowwise' or 'tensorwise' scaling, 'false' = off (true = rowwise); the "
                    "predictor, the weights of record and the checkpoints are unchanged",
-                   ("false", "rowwise", "tensorwise"), aliases={True: "rowwise", False: "false", "true": "rowwise"})
+                   ("false", "rowwise", "tensorwise"), aliases={True: "rowwise", False: "false", "true": "rowwise",
+                                                                "none": "false", "off": "false"})
     fp8_emulate: bool = opt(False, "for testing: emulate the FP8 casts with high-precision matmuls on any device "
                             "(the FP8 numerics, no speed-up)")
     optimizer: str = opt("auto", "AdamW implementation: 'fused', 'foreach', 'single' (torch), or 'fused_tail' (AdamW, "

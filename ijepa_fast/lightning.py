@@ -83,6 +83,9 @@ class IJEPAModule(pl.LightningModule):
     # -- keeping the collators' steps in line with global_step
     def setup(self, stage: str) -> None:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if world > 1:  # the step's own backward bypasses Lightning's manual_backward, which DDP needs
+            raise ConfigError(f"IJEPAModule runs on one process for now ({world} here): for several GPUs use "
+                              f"ijepa_fast.Engine under DDP / FSDP, or `torchrun -m ijepa_fast train`")
         for s in [self.sampler] + [c.sampler for c in self._collators]:
             s.rank, s.world = rank, world  # a DistributedSampler gives rank r images r, r + world, ...
 

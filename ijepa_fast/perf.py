@@ -219,8 +219,8 @@ def fused_tail(model: IJEPA, optimizer, master: MasterWeights | None, perf, devi
     sync_params, or None when ``perf`` does not choose it."""
     if not uses_fused_tail(perf, device):
         return None
-    if perf.optimizer == "auto" and type(optimizer) is not torch.optim.AdamW:  # someone else's optimiser
-        return None
+    if type(optimizer) is not torch.optim.AdamW:
+        raise TypeError(f"perf.optimizer=fused_tail steps a torch.optim.AdamW's state; got {type(optimizer).__name__}")
     from .tail import FusedTail
 
     return FusedTail(model, optimizer, master)

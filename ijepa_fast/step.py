@@ -84,7 +84,9 @@ def read_results(results: list[tuple[int, StepResult]]) -> list[StepResult]:
     out = []
     for (step, r), (value, norm, skipped) in zip(results, rows):
         if skipped:
-            raise FloatingPointError(_nonfinite_message(value, norm, step))
+            err = FloatingPointError(_nonfinite_message(value, norm, step))
+            err.step = step  # the first step that changed nothing: the state is that of the step before
+            raise err
         out.append(StepResult(value, r.lr, r.wd, r.momentum, norm if r.grad_norm is not None else None))
     return out
 

@@ -283,6 +283,9 @@ class Trainer:
         try:
             done = read_results(pending)
         except FloatingPointError as e:
+            # the weights are those of the step before the bad one: the trainer says so, and no later step stays halted
+            self.step = getattr(e, "step", self.step)
+            self._halt.zero_()
             raise self._stopped(e, "this step or the ones after it") from None
         loop.losses.extend(r.loss for r in done[:-1])
         return done[-1] if done else None

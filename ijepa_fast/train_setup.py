@@ -40,15 +40,17 @@ def warm_up_buckets(trainer, batches: int = 32, force: bool = False) -> int:
 
     from . import perf
     from .runlog import log
-    from .step import autocast_dtype
+    from .step import autocast_dtype, micro_batches
 
     c = trainer.cfg
     if not force and not (c.perf.compile and c.perf.token_buckets):
         return 0
-    b = c.data.batch_size // c.optim.accum_steps
+    b = c.data.batch_size
     dtype = trainer.master.dtype if trainer.master is not None else torch.float32
     images = torch.zeros(b, 3, c.data.crop_size, c.data.crop_size, device=trainer.device, dtype=dtype)
-    masks = [trainer.sampler.sample(b, trainer.step + i) for i in range(batches)]
+    # the micro-batches' masks exactly as the step slices them (a slice keeps its batch's padded length)
+    masks = [m for i in range(batches)
+             for _, m in micro_batches(images, trainer.sampler.sample(b, trainer.step + i), c.optim.accum_steps)]
     half = None if trainer.master is not None else autocast_dtype(trainer.device, c.run.precision)
     t0 = time.time()
     with torch.autocast(trainer.device.type, dtype=half or torch.float32, enabled=half is not None):

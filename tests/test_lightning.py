@@ -88,3 +88,17 @@ def test_lightning_checkpoint_resumes_exactly(tmp_path):
     other = IJEPAModule(model(), SCHED, mask=MASKS, seed=4, precision="fp32")
     with pytest.raises(Exception, match="seed=3"):
         fit(other, epochs=EPOCHS, collate=False, ckpt_path=tmp_path / "epoch1.ckpt")
+
+
+def test_lightning_refuses_several_processes():
+    """Under a multi-process strategy the module stops at set-up, saying what to use instead."""
+    from types import SimpleNamespace
+
+    from ijepa_fast.errors import ConfigError
+
+    module = IJEPAModule(model(), SCHED, mask=MASKS, seed=3)
+    module._trainer = SimpleNamespace(global_rank=1, world_size=2)
+    with pytest.raises(ConfigError, match="one process.*Engine"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(global_rank=0, world_size=1)
+    module.setup("fit")  # one process: fine

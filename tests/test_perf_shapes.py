@@ -138,6 +138,11 @@ def test_trainer_warm_up_runs_each_bucket_and_changes_nothing(tiny_cfg, tmp_path
     b = cfg.data.batch_size
     want = {shape_key(trainer.run_model.prepare(trainer.sampler.sample(b, s))) for s in range(32)}
     assert warm_up_buckets(trainer, force=True) == len(want) >= 1
+    # with micro-batches: the shapes of the slices the step runs (each keeps its batch's padded length)
+    trainer.cfg.optim.accum_steps = 2
+    want = {shape_key(trainer.run_model.prepare(trainer.sampler.sample(b, s).slice(i, i + b // 2)))
+            for s in range(32) for i in (0, b // 2)}
+    assert warm_up_buckets(trainer, force=True) == len(want)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in trainer.run_model.parameters())
     for n, p in trainer.model.state_dict().items():

@@ -87,7 +87,8 @@ class _ShardWriter:
         self.tar.addfile(info, io.BytesIO(data))
         padded = -(-len(data) // BLOCK) * BLOCK
         self.data += padded
-        assert self.tar.offset == start + BLOCK + padded  # USTAR, a short name: one header block
+        if self.tar.offset != start + BLOCK + padded:  # USTAR, a short name: one header block
+            raise DataError(f"{self.path}: the tar header of {name} is not one block; the index would be wrong")
         return start + BLOCK
 
     def add(self, i: int, key: str, ext: str, data: bytes, label: int, usable: bool) -> None:
@@ -107,6 +108,12 @@ class _ShardWriter:
         self.tar.close()
         idx = self.path.with_suffix(".idx")
         idx.write_text(f"v1.2 {len(self.idx_lines)}\n" + "".join(line + "\n" for line in self.idx_lines))
+        for done in (self.path, idx):  # on disk before the index that points into them
+            fd = os.open(done, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return {"file": self.path.name, "dali_index": idx.name, "dali_count": len(self.idx_lines),
                 "bytes": self.path.stat().st_size, "samples": self.samples, "offsets": self.offsets,
                 "sizes": self.sizes}
@@ -185,6 +192,11 @@ def _write(out, files, labels, classes, order, *, shard_bytes, progress, src, se
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / INDEX)
+    fd = os.open(out, os.O_RDONLY)  # the folder's entries too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return index
 
 
