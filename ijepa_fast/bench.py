@@ -20,6 +20,7 @@ import torch
 
 from .bench_report import RECIPES, add_spec_mfu, gpu_hours  # noqa: F401  (RECIPES: re-exported)
 from .config import MaskConfig, PerfConfig, merge
+from .errors import ConfigError
 from .masks import MultiBlockSampler
 from .model import IJEPA
 from .models import VIT_SIZES
@@ -180,3 +181,32 @@ def _layout(masks) -> str:
 def check_model(name: str) -> None:
     if name not in VIT_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(VIT_SIZES)}")
+
+
+def run_command(args) -> int:
+    """``ijepa-fast bench``: one JSON line per (masks, path) measured."""
+    import json
+
+    check_model(args.model)
+    bad = [kv for kv in args.perf if "=" not in kv]
+    if bad:
+        raise ConfigError(f"--perf {bad[0]}: expected KEY=VALUE, e.g. --perf optimizer=fused_tail")
+    perf = dict(kv.removeprefix("perf.").split("=", 1) for kv in args.perf)
+    merge(PerfConfig(), dict(perf), "perf.")  # a wrong key or value stops here, before any work
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peak = matmul_peak_tflops(device)
+    masks = ("reference", "default") if args.masks == "both" else (args.masks,)
+    paths = (False, True) if args.paths == "both" else (args.paths == "fast",)
+    patch = args.patch or (14 if args.model == "vit_huge" else 16)
+    for mode in masks:
+        for fast in paths:
+            spec = BenchSpec(model=args.model, patch=patch, img=args.img, mask_mode=mode, fast=fast,
+                             batch=args.batch or PUBLISHED_BATCH[args.model], pred_depth=args.pred_depth,
+                             steps=args.steps, warmup=args.warmup, device=str(device), fp8=args.fp8 if fast else None,
+                             perf=perf if fast else {})
+            row = run(spec, peak)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    return 0

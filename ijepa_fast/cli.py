@@ -102,29 +102,9 @@ def cmd_import(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import json
+    from .bench import run_command
 
-    import torch
-
-    from .bench import PUBLISHED_BATCH, BenchSpec, check_model, matmul_peak_tflops, run
-
-    check_model(args.model)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    peak = matmul_peak_tflops(device)
-    masks = ("reference", "default") if args.masks == "both" else (args.masks,)
-    paths = (False, True) if args.paths == "both" else (args.paths == "fast",)
-    patch = args.patch or (14 if args.model == "vit_huge" else 16)
-    for mode in masks:
-        for fast in paths:
-            spec = BenchSpec(model=args.model, patch=patch, img=args.img, mask_mode=mode, fast=fast,
-                             batch=args.batch or PUBLISHED_BATCH[args.model], pred_depth=args.pred_depth,
-                             steps=args.steps, warmup=args.warmup, device=str(device), fp8=args.fp8 if fast else None)
-            row = run(spec, peak)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-    return 0
+    return run_command(args)
 
 
 def _encoder(args):
@@ -321,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the plain step, the fast paths (kernels, packing, bf16 weights, compile), or both")
     b.add_argument("--fp8", choices=("rowwise", "tensorwise"),
                    help="the fast path with FP8 encoder linear layers (perf.fp8; CUDA compute capability >= 8.9)")
+    b.add_argument("--perf", action="append", default=[], metavar="KEY=VALUE",
+                   help="a perf.* setting for the fast path, repeatable (e.g. --perf optimizer=fused_tail)")
     b.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when present)")

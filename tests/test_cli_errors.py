@@ -211,3 +211,9 @@ def test_cli_metrics_have_gradient_norm_and_memory(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] > 0 for r in rows)
     assert all(r["mem_gib"] > 0 for r in rows)  # on the CPU: the process's peak resident memory
+
+
+def test_cli_bench_names_a_bad_perf_setting(tmp_path):
+    expect_user_error(["bench", "--model", "vit_tiny", "--device", "cpu", "--steps", "1", "--perf",
+                       "optimizer=adam"], "perf.optimizer", tmp_path)
+    expect_user_error(["bench", "--model", "vit_tiny", "--perf", "optimizer"], "KEY=VALUE", tmp_path)
