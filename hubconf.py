@@ -36,36 +36,19 @@ def _named(name: str, patch_size: int, checkpoint, which: str, img_size, kw):
     return enc
 
 
-def vit_tiny16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
-    """ViT-Tiny, patch 16."""
-    return _named("vit_tiny", 16, checkpoint, which, img_size, kw)
+def _entry(name: str, patch: int, img: int, doc: str):
+    """An entry point for one encoder size (torch.hub lists module-level callables)."""
+    def build(checkpoint=None, which: str = "target_encoder", img_size=img, **kw):
+        return _named(name, patch, checkpoint, which, img_size, kw)
+
+    build.__doc__ = doc
+    return build
 
 
-def vit_small16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
-    """ViT-Small, patch 16."""
-    return _named("vit_small", 16, checkpoint, which, img_size, kw)
-
-
-def vit_base16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
-    """ViT-Base, patch 16."""
-    return _named("vit_base", 16, checkpoint, which, img_size, kw)
-
-
-def vit_large16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
-    """ViT-Large, patch 16."""
-    return _named("vit_large", 16, checkpoint, which, img_size, kw)
-
-
-def vit_huge14(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
-    """ViT-Huge, patch 14 (the released IN-1k and IN-22k checkpoints)."""
-    return _named("vit_huge", 14, checkpoint, which, img_size, kw)
-
-
-def vit_huge16(checkpoint=None, which: str = "target_encoder", img_size=448, **kw):
-    """ViT-Huge, patch 16 (the released 448 px checkpoint)."""
-    return _named("vit_huge", 16, checkpoint, which, img_size, kw)
-
-
-def vit_giant16(checkpoint=None, which: str = "target_encoder", img_size=224, **kw):
-    """ViT-Giant, patch 16 (the released IN-22k checkpoint)."""
-    return _named("vit_giant", 16, checkpoint, which, img_size, kw)
+vit_tiny16 = _entry("vit_tiny", 16, 224, "ViT-Tiny, patch 16.")
+vit_small16 = _entry("vit_small", 16, 224, "ViT-Small, patch 16.")
+vit_base16 = _entry("vit_base", 16, 224, "ViT-Base, patch 16.")
+vit_large16 = _entry("vit_large", 16, 224, "ViT-Large, patch 16.")
+vit_huge14 = _entry("vit_huge", 14, 224, "ViT-Huge, patch 14 (the released IN-1k and IN-22k checkpoints).")
+vit_huge16 = _entry("vit_huge", 16, 448, "ViT-Huge, patch 16 (the released 448 px checkpoint).")
+vit_giant16 = _entry("vit_giant", 16, 224, "ViT-Giant, patch 16 (the released IN-22k checkpoint).")
