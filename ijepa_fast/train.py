@@ -23,17 +23,15 @@ from .checkpoint import training_checkpoint
 from .config import Config
 from .data import build_loader, build_source
 from .errors import DataError, TrainingStopped
-from .kernels.dispatch import describe as describe_kernels
 from .loggers import check_available, open_loggers
 from .masks import MultiBlockSampler
 from .model import IJEPA
-from .models.varlen import describe as describe_attention
 from .monitor import CollapseMonitor
 from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_config, remove_if_created
 from .runlog import Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import make_optimizer, read_results, train_step
-from .train_setup import resolve_device, scaled_optim, warm_up_buckets
+from .train_setup import describe_run, resolve_device, scaled_optim, warm_up_buckets
 from .train_state import CheckpointManager, load_for_resume
 
 try:
@@ -121,7 +119,7 @@ class Trainer:
         self.model = IJEPA.from_config(c).to(self.device)
         strategy = c.dist.strategy if c.dist.strategy != "auto" else "ddp"
         self.strategy = strategy if self.world > 1 else "none"
-        self._describe()
+        describe_run(self)
         self.run_model, self.master = perf.apply(self.model, c.perf, self.device)
         self.forward, self.grad_reduce = distributed.data_parallel(self.run_model, self.master, self.strategy,
                                                                    self.device, c.optim.accum_steps == 1)
@@ -133,29 +131,6 @@ class Trainer:
         self._halt = torch.zeros((), device=self.device) if self.deferred else None
         if self.rank == 0:
             check_room(self.run_dir, checkpoint_bytes(self.model))
-
-    def _describe(self):
-        c, m = self.cfg, self.model
-        n_enc = sum(p.numel() for p in m.encoder.parameters())
-        n_pred = sum(p.numel() for p in m.predictor.parameters())
-        log.info(f"ijepa-fast {__version__} | torch {torch.__version__} | device {self.device} | "
-                 f"precision {c.run.precision} | threads {torch.get_num_threads()}")
-        log.info(describe_kernels(c.model.kernels, self.device) + (" | deterministic" if c.run.deterministic else ""))
-        half = self.device.type == "cuda" and (c.perf.bf16_weights or c.run.precision in ("auto", "bf16"))
-        log.info(describe_attention(c.model.attn, c.model.layout, c.model.varlen_attn, self.device, half))
-        native = self.sampler.native()  # built (once, cached) before data-loader workers fork
-        log.info(f"mask sampler: {'compiled (csrc/)' if native is not None else 'Python'}, mode {c.mask.mode}")
-        log.info(f"run folder: {self.run_dir}")
-        log.info(f"model {c.model.name}/{c.model.patch_size} at {c.data.crop_size}px (grid {m.grid[0]}x{m.grid[1]}): "
-                 f"encoder {n_enc / 1e6:.2f}M params, predictor {n_pred / 1e6:.2f}M "
-                 f"({c.model.pred_depth}x{c.model.pred_dim}); attention {c.model.attn}; loss {c.optim.loss}")
-        scaling = ("not scaled" if c.optim.lr_scaling == "none" else
-                   f"scaled x{self.lr_factor:.3g} (global batch / {c.optim.base_batch})")
-        log.info(f"data: {self.source.root}: {len(self.source)} images; global batch {self.global_batch} = "
-                 f"{c.data.batch_size} x {self.world} process(es)"
-                 + (f" ({c.optim.accum_steps} micro-batches each)" if c.optim.accum_steps > 1 else "")
-                 + f"; {self.steps_per_epoch} steps/epoch x {c.optim.epochs} epochs; peak lr "
-                 f"{self.schedules.lr:.3g} ({scaling}); masks {c.mask.mode}; parallelism {self.strategy}")
 
     def _maybe_resume(self) -> dict | None:
         """Load the checkpoint run.resume names (auto: this folder's newest readable one); returns its

@@ -1,10 +1,14 @@
-"""The trainer's set-up helpers: the process's device and the learning rates scaled to the global batch."""
+"""The trainer's set-up helpers: the process's device, the learning rates scaled to the global batch,
+the token buckets compiled before training, and the run's opening log lines."""
 from __future__ import annotations
 
 import torch
 
-from . import distributed
+from . import __version__, distributed
 from .config import Config
+from .kernels.dispatch import describe as describe_kernels
+from .models.varlen import describe as describe_attention
+from .runlog import log
 
 
 def resolve_device(spec: str, env: distributed.DistEnv | None = None) -> torch.device:
@@ -39,7 +43,6 @@ def warm_up_buckets(trainer, batches: int = 32, force: bool = False) -> int:
     import time
 
     from . import perf
-    from .runlog import log
     from .step import autocast_dtype, micro_batches
 
     c = trainer.cfg
@@ -58,3 +61,28 @@ def warm_up_buckets(trainer, batches: int = 32, force: bool = False) -> int:
     log.info(f"token buckets: {n} block shapes compiled before training in {time.time() - t0:.1f} s "
              f"(the masks of the next {batches} steps)")
     return n
+
+
+def describe_run(trainer) -> None:
+    """The run's opening log lines: versions, kernels, attention, masks, folder, model, data."""
+    c, m = trainer.cfg, trainer.model
+    n_enc = sum(p.numel() for p in m.encoder.parameters())
+    n_pred = sum(p.numel() for p in m.predictor.parameters())
+    log.info(f"ijepa-fast {__version__} | torch {torch.__version__} | device {trainer.device} | "
+             f"precision {c.run.precision} | threads {torch.get_num_threads()}")
+    log.info(describe_kernels(c.model.kernels, trainer.device) + (" | deterministic" if c.run.deterministic else ""))
+    half = trainer.device.type == "cuda" and (c.perf.bf16_weights or c.run.precision in ("auto", "bf16"))
+    log.info(describe_attention(c.model.attn, c.model.layout, c.model.varlen_attn, trainer.device, half))
+    native = trainer.sampler.native()  # built (once, cached) before data-loader workers fork
+    log.info(f"mask sampler: {'compiled (csrc/)' if native is not None else 'Python'}, mode {c.mask.mode}")
+    log.info(f"run folder: {trainer.run_dir}")
+    log.info(f"model {c.model.name}/{c.model.patch_size} at {c.data.crop_size}px (grid {m.grid[0]}x{m.grid[1]}): "
+             f"encoder {n_enc / 1e6:.2f}M params, predictor {n_pred / 1e6:.2f}M "
+             f"({c.model.pred_depth}x{c.model.pred_dim}); attention {c.model.attn}; loss {c.optim.loss}")
+    scaling = ("not scaled" if c.optim.lr_scaling == "none" else
+               f"scaled x{trainer.lr_factor:.3g} (global batch / {c.optim.base_batch})")
+    log.info(f"data: {trainer.source.root}: {len(trainer.source)} images; global batch {trainer.global_batch} = "
+             f"{c.data.batch_size} x {trainer.world} process(es)"
+             + (f" ({c.optim.accum_steps} micro-batches each)" if c.optim.accum_steps > 1 else "")
+             + f"; {trainer.steps_per_epoch} steps/epoch x {c.optim.epochs} epochs; peak lr "
+             f"{trainer.schedules.lr:.3g} ({scaling}); masks {c.mask.mode}; parallelism {trainer.strategy}")
