@@ -29,7 +29,9 @@ class _Track(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not t.is_nested and t.device.type != "meta":
                 s = t.untyped_storage()
-                if s.data_ptr() not in self.storages:
+                seen = self.storages.get(s.data_ptr())
+                # a storage freed during the pass may have its address reused by a new one: track the new one
+                if seen is None or seen[0].expired():
                     self.storages[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
         return out
 
