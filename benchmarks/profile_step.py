@@ -88,26 +88,18 @@ def sync_events(events) -> dict:
 
 
 def build(args, device):
-    """The model, optimiser, masks and one-step closure, as ijepa_fast.bench.run builds them."""
+    """The step ``ijepa_fast.bench.build_step`` builds (the one ``bench`` times), with the EMA named
+    in the profile and, on request, a planted host sync."""
     import torch
 
-    from ijepa_fast.config import MaskConfig, PerfConfig
-    from ijepa_fast.masks import MultiBlockSampler
-    from ijepa_fast.model import IJEPA
-    from ijepa_fast.perf import apply as apply_perf
-    from ijepa_fast.perf import optimizer_impl
-    from ijepa_fast.schedules import Schedules
-    from ijepa_fast.step import make_optimizer, train_step
+    from ijepa_fast.bench import BenchSpec, build_step
+    from ijepa_fast.config import MaskConfig
 
-    fast = args.path == "fast"
-    torch.manual_seed(0)
-    model = IJEPA.build(args.model, img_size=args.img, patch_size=args.patch, pred_depth=args.pred_depth).to(device)
-    perf = PerfConfig(bf16_weights=fast and device.type == "cuda", compile=fast and device.type == "cuda",
-                      optimizer="auto" if fast else "foreach")
-    model.configure_kernels("auto" if fast else "reference")
-    model.configure_layout("auto" if fast else "padded")
-    optimizer = make_optimizer(model, impl=optimizer_impl(perf, device))
-    run_model, master = apply_perf(model, perf, device)
+    spec = BenchSpec(model=args.model, patch=args.patch, img=args.img, batch=args.batch, pred_depth=args.pred_depth,
+                     mask_mode=args.masks, fast=args.path == "fast", device=str(device))
+    mask = MaskConfig(mode=args.masks, **({"min_keep": args.min_keep} if args.min_keep else {}))
+    setup = build_step(spec, args.warmup + args.steps + 1, mask)
+    model = setup.model
     update_target = model.update_target
 
     def annotated_update(momentum):  # a named range, so the EMA's kernels are told apart
@@ -115,19 +107,13 @@ def build(args, device):
             update_target(momentum)
 
     model.update_target = annotated_update
-    sched = Schedules(steps_per_epoch=1000, epochs=100)
-    mask_cfg = MaskConfig(mode=args.masks, **({"min_keep": args.min_keep} if args.min_keep else {}))
-    sampler = MultiBlockSampler(model.grid, mask_cfg, seed=0)
-    n = args.warmup + args.steps + 1
-    prepared = [run_model.prepare(sampler.sample(args.batch, s)).to(device) for s in range(n)]
-    images = torch.randn(args.batch, 3, args.img, args.img, device=device)
-    precision = "fp32" if device.type != "cuda" else "bf16"
 
     def step(i):
         if args.plant_sync:
-            images[0, 0, 0, 0].item()
-        return train_step(model, optimizer, images, prepared[i], i, sched, precision=precision, master=master)
+            setup.images[0, 0, 0, 0].item()
+        return setup.step(i)
 
+    setup.warm_up_buckets()
     return step, model
 
 
@@ -183,7 +169,7 @@ def main():
         steps.append({"step": i, "wall_ms": round(wall, 2), **device_breakdown(events, cuda),
                       "profiler_syncs": sync_events(events), "compiles": after[0] - before[0],
                       "graph_breaks": after[1] - before[1], "alloc_retries": after[2] - before[2],
-                      "loss": round(res.loss, 4)})
+                      "loss": round(float(res.loss), 4)})
         print(f"step {i}: {steps[-1]}", flush=True)
 
     with count_host_syncs(cuda_debug=cuda) as syncs:

@@ -89,8 +89,32 @@ class BenchSpec:  # keyword-only: ten fields of like types
     device: str = "cuda"
 
 
-def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
-    """Time ``spec.steps`` training steps after ``spec.warmup``; one result row."""
+@dataclass
+class StepSetup:
+    """A benchmark step, built once: ``step(i)`` runs training step ``i`` on the ``i``-th mask batch."""
+    model: IJEPA
+    run_model: IJEPA
+    perf: PerfConfig
+    master: object
+    tail: object
+    pool: list
+    prepared: list
+    images: torch.Tensor
+    step: object
+
+    def warm_up_buckets(self) -> None:
+        """With token buckets and compile: every bucket compiled first, as the trainer does."""
+        if self.perf.token_buckets and self.perf.compile:
+            bf16 = self.master is None and self.images.device.type == "cuda"
+            with torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=bf16):
+                warm_up(self.run_model, self.images.to(self.master.dtype) if self.master is not None else self.images,
+                        self.pool)
+
+
+def build_step(spec: BenchSpec, batches: int, mask: MaskConfig | None = None) -> StepSetup:
+    """The model with ``spec``'s switches, its optimiser, ``batches`` mask batches (prepared and on
+    the device), synthetic images, and the step closure (with the fused tail, as the trainer runs
+    it: no host synchronisation in the step). Shared by ``run`` and benchmarks/profile_step.py."""
     device = torch.device(spec.device)
     torch.manual_seed(0)
     model = IJEPA.build(spec.model, img_size=spec.img, patch_size=spec.patch, pred_depth=spec.pred_depth)
@@ -107,24 +131,32 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
     run_model, master = apply_perf(model, perf, device)
     tail = fused_tail(model, optimizer, master, perf, device)
     sched = Schedules(steps_per_epoch=1000, epochs=100)
-    grid = model.grid
-    sampler = MultiBlockSampler(grid, MaskConfig(mode=spec.mask_mode), seed=0)
-    pool = [sampler.sample(spec.batch, s) for s in range(spec.warmup + spec.steps)]
-    ctx = statistics.mean(m.mean_tokens()[0] for m in pool)
-    tgt = statistics.mean(m.mean_tokens()[1] for m in pool)
-    k = pool[0].targets.shape[0]
+    sampler = MultiBlockSampler(model.grid, mask or MaskConfig(mode=spec.mask_mode), seed=0)
+    pool = [sampler.sample(spec.batch, s) for s in range(batches)]
     prepared = [run_model.prepare(m).to(device) for m in pool]
     images = torch.randn(spec.batch, 3, spec.img, spec.img, device=device)
     precision = "fp32" if device.type != "cuda" else "bf16"
 
-    def step(i):  # with the fused tail, as the trainer runs it: no host synchronisation in the step
+    def step(i):
         return train_step(model, optimizer, images, prepared[i], i, sched, precision=precision, master=master,
                           tail=tail, sync=tail is None)
 
+    return StepSetup(model, run_model, perf, master, tail, pool, prepared, images, step)
+
+
+def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
+    """Time ``spec.steps`` training steps after ``spec.warmup``; one result row."""
+    device = torch.device(spec.device)
+    setup = build_step(spec, spec.warmup + spec.steps)
+    model, perf, tail, pool, prepared, step = (setup.model, setup.perf, setup.tail, setup.pool, setup.prepared,
+                                               setup.step)
+    grid = model.grid
+    ctx = statistics.mean(m.mean_tokens()[0] for m in pool)
+    tgt = statistics.mean(m.mean_tokens()[1] for m in pool)
+    k = pool[0].targets.shape[0]
+
     t0 = time.time()
-    if perf.token_buckets and perf.compile:  # every bucket compiled before timing, as the trainer does
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=master is None and precision == "bf16"):
-            warm_up(run_model, images.to(master.dtype) if master is not None else images, pool)
+    setup.warm_up_buckets()
     for i in range(spec.warmup):
         step(i)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
