@@ -1,7 +1,8 @@
 """Package layout for setuptools (the metadata is in pyproject.toml).
 
 Every package under ijepa_fast/ is found automatically; the top-level folders of the design card
-install inside it: kernels/ as ijepa_fast.kernels (with any sub-packages), configs/ as
+install inside it: kernels/ as ijepa_fast.kernels (with any sub-packages; kernels/ has no __init__.py,
+see kernels/README.md), configs/ as
 ijepa_fast.configs (the built-in YAML recipes) and csrc/ as ijepa_fast.csrc (the C++ sources the
 extension is compiled from at first use). Nothing is compiled at install time.
 """

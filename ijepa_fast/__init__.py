@@ -10,38 +10,9 @@ Library use (see README "Use from your own trainer")::
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import os
-import sys
 
 __version__ = "0.1.0"
 
-
-class _CheckoutKernels(importlib.abc.MetaPathFinder):
-    """In a bare source checkout (nothing installed, as on a machine that only has a copy of the
-    tree), kernels/ sits beside this package: resolve ``ijepa_fast.kernels`` there. Installs, the
-    editable one included, map kernels/ into the package and never use this."""
-
-    def __init__(self, root: str):
-        self.root = root
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "ijepa_fast.kernels" and not fullname.startswith("ijepa_fast.kernels."):
-            return None
-        rel = fullname.split(".")[2:]
-        base = os.path.join(self.root, "kernels", *rel)
-        if os.path.isfile(os.path.join(base, "__init__.py")):
-            return importlib.util.spec_from_file_location(fullname, os.path.join(base, "__init__.py"),
-                                                          submodule_search_locations=[base])
-        if os.path.isfile(base + ".py"):
-            return importlib.util.spec_from_file_location(fullname, base + ".py")
-        return None
-
-
-_here = os.path.dirname(os.path.realpath(__file__))
-if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isdir(os.path.join(os.path.dirname(_here), "kernels")):
-    sys.meta_path.append(_CheckoutKernels(os.path.dirname(_here)))
 
 _EXPORTS = {
     "IJEPA": "model", "jepa_loss": "model", "make_optimizer": "step", "param_groups": "step",

@@ -26,13 +26,13 @@ def pytest_sessionstart(session):
     checkout's source tree: stop at once if the import resolved into the checkout."""
     if os.environ.get("IJEPA_FAST_REQUIRE_INSTALLED") != "1":
         return
-    import ijepa_fast.kernels
-
     import ijepa_fast
+    import ijepa_fast.kernels
 
     source = {ROOT / "ijepa_fast", ROOT / "kernels"}
     for mod in (ijepa_fast, ijepa_fast.kernels):
-        where = Path(mod.__file__).resolve()
+        # ijepa_fast.kernels is a namespace package (kernels/README.md): no __file__, one folder on __path__
+        where = Path(mod.__file__ if getattr(mod, "__file__", None) else next(iter(mod.__path__))).resolve()
         if source & set(where.parents):
             raise pytest.UsageError(f"{mod.__name__} was imported from the checkout ({where}), not from the "
                                     f"installed package: run the tests as the README says, outside the source tree")

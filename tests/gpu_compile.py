@@ -50,6 +50,9 @@ class _Driver:
 
 def install(arch: int) -> list[str]:
     """Compile-only launches for ``arch``; returns the list the compiled variants are logged to."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
     from ijepa_fast.kernels import (
         adamw_tail,
         dispatch,
@@ -59,8 +62,6 @@ def install(arch: int) -> list[str]:
         jepa_loss,
         predictor_tokens,
     )
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
     driver.set_active(_Driver(arch))
     compiled: list[str] = []
@@ -85,6 +86,7 @@ def install(arch: int) -> list[str]:
 def cases():
     """(name, thunk) for every op, forward and backward, over sizes and dtypes."""
     import torch
+
     from ijepa_fast.kernels.adamw_tail import adamw_tail_
     from ijepa_fast.kernels.ema import ema_update_
     from ijepa_fast.kernels.gather_layernorm import gather_layernorm

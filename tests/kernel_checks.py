@@ -8,6 +8,7 @@ fp32 rounding, bf16 results to one bf16 rounding.
 import pytest
 import torch
 from conftest import DEVICE
+
 from ijepa_fast.kernels.dispatch import triton_version
 
 needs_triton = pytest.mark.skipif(triton_version() is None, reason="Triton is not installed (pip install triton)")

@@ -2,9 +2,10 @@
 against torch.optim.AdamW followed by the EMA and a copy."""
 import pytest
 import torch
+from kernel_checks import needs_triton, rand
+
 from ijepa_fast.kernels.adamw_tail import adamw_tail_, adamw_tail_reference
 from ijepa_fast.kernels.ema import ema_reference
-from kernel_checks import needs_triton, rand
 
 pytestmark = needs_triton
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from conftest import DEVICE
+
 from ijepa_fast.kernels.dispatch import next_power_of_2, token_blocks, triton_version, use_triton
 
 pytestmark = pytest.mark.skipif(triton_version() is None, reason="Triton is not installed (pip install triton)")

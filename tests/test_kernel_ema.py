@@ -1,8 +1,9 @@
 """kernels/ema.py: the fused EMA against its reference."""
 import pytest
 import torch
-from ijepa_fast.kernels.ema import ema_reference, ema_update_
 from kernel_checks import needs_triton, rand
+
+from ijepa_fast.kernels.ema import ema_reference, ema_update_
 
 pytestmark = needs_triton
 

@@ -1,7 +1,8 @@
 """kernels/gather_layernorm.py: the target layer norm at the selected rows against its reference."""
 import pytest
-from ijepa_fast.kernels.gather_layernorm import gather_layernorm, gather_layernorm_reference
 from kernel_checks import DTYPES, check, idx_rows, needs_triton, rand, up
+
+from ijepa_fast.kernels.gather_layernorm import gather_layernorm, gather_layernorm_reference
 
 pytestmark = needs_triton
 

@@ -2,13 +2,14 @@
 import pytest
 import torch
 from conftest import DEVICE
+from kernel_checks import DTYPES, check, idx_rows, needs_triton, rand, up
+
 from ijepa_fast.kernels.gather_tokens import (
     gather_tokens,
     gather_tokens_packed,
     gather_tokens_packed_reference,
     gather_tokens_reference,
 )
-from kernel_checks import DTYPES, check, idx_rows, needs_triton, rand, up
 
 pytestmark = needs_triton
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 from conftest import DEVICE
-from ijepa_fast.kernels.jepa_loss import jepa_loss, jepa_loss_reference
 from kernel_checks import DTYPES, check, needs_triton, rand, up
+
+from ijepa_fast.kernels.jepa_loss import jepa_loss, jepa_loss_reference
 
 pytestmark = needs_triton
 

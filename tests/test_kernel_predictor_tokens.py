@@ -2,14 +2,14 @@
 import pytest
 import torch
 from conftest import DEVICE
+from kernel_checks import DTYPES, check, needs_triton, rand, up
+
 from ijepa_fast.kernels.predictor_tokens import (
     predictor_tokens,
     predictor_tokens_packed,
     predictor_tokens_packed_reference,
     predictor_tokens_reference,
 )
-from kernel_checks import DTYPES, check, needs_triton, rand, up
-
 from ijepa_fast.models.varlen import VarlenMeta
 
 pytestmark = needs_triton

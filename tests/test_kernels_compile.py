@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+
 from ijepa_fast.kernels.dispatch import triton_version
 
 
