@@ -123,7 +123,9 @@ class PerfConfig:
     preset: str = opt("auto", "what the 'auto' switches resolve to: 'auto' = the fastest measured step on the "
                       "run's device (on CUDA: bf16_weights, compile with token_buckets=4, fused AdamW; on the CPU "
                       "the plain step), 'plain' = the plain step (fp32 weights under autocast, eager, no buckets; "
-                      "for debugging). Switches set by hand win over either", ("auto", "plain"))
+                      "for debugging); 'fast' = auto (what a resolved config records). Switches set by hand win over "
+                      "either",
+                      ("auto", "fast", "plain"))
     bf16_weights: bool | str = opt("auto", "run forward and backward on a bf16 copy of the weights without autocast "
                                    "(bf16 activations and residual stream); fp32 master weights stay in the "
                                    "optimiser, the EMA and the checkpoints; auto = on CUDA (not under FSDP)",

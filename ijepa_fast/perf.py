@@ -187,6 +187,7 @@ def resolve(perf, device: torch.device, strategy: str = "none"):
     values = {"bf16_weights": fast and strategy != "fsdp", "compile": fast, "activation_checkpointing": False,
               "fp8": "false", "optimizer": "fused" if device.type == "cuda" and perf.preset != "plain" else "foreach"}
     out = dataclasses.replace(perf, **{k: v for k, v in values.items() if getattr(perf, k) == "auto"})
+    out.preset = "plain" if perf.preset == "plain" else "fast"
     if out.token_buckets == "auto":
         out.token_buckets = AUTO_BUCKETS if out.compile else 0
     if out.compile and not out.token_buckets:
