@@ -202,10 +202,10 @@ def describe(perf) -> str:
 
 
 def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeights | None]:
-    """Apply the resolved ``perf`` switches (see ``resolve``) in their fixed order; returns (model to
-    run, master weights or None). Called by the engine's assembler only."""
-    if "auto" in (perf.bf16_weights, perf.compile, perf.token_buckets, perf.fp8, perf.activation_checkpointing):
-        raise ValueError("perf.apply takes resolved switches: pass perf.resolve(perf, device)")
+    """Apply the ``perf`` switches (resolved for ``device`` by ``resolve`` when any is 'auto') in
+    their fixed order; returns (model to run, master weights or None). In the package, the engine's
+    assembler is its only caller."""
+    perf = resolve(perf, device)  # resolved switches pass unchanged
     master = None
     run = model
     if perf.bf16_weights:

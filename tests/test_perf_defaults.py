@@ -46,8 +46,8 @@ def test_switches_set_by_hand_win_and_compile_implies_buckets():
         perf.resolve(PerfConfig(compile=True, token_buckets=0), CPU)
     with pytest.raises(ConfigError, match="perf.token_buckets"):
         load_config(None, ["perf.compile=true", "perf.token_buckets=0"])
-    with pytest.raises(ValueError, match="resolve"):
-        perf.apply(None, PerfConfig(), CPU)  # unresolved switches never reach the model
+    resolved = perf.resolve(PerfConfig(), CUDA)
+    assert perf.resolve(resolved, CPU) == resolved  # resolving twice changes nothing, whatever the device
 
 
 def test_the_run_records_the_resolved_switches(tiny_cfg, tmp_path):
