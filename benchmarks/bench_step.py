@@ -8,8 +8,11 @@
 One JSON object per line (see ijepa_fast/bench.py for every field): images/s, tokens/s, model
 TFLOP/s and MFU against the bf16 matmul peak measured in the same run and against the card's spec
 peak, peak memory, projected GPU-hours for the published recipes of that model. ``--paths``:
-``plain`` (the reference-equivalent step), ``fast`` (every switch, bf16), ``fp8`` / ``fp8-rowwise`` /
-``fp8-tensorwise`` (the fast path with FP8 encoder linear layers). With ``--reference`` and the
+``plain`` (the reference-equivalent step, ``perf.preset=plain``), ``fast`` (the perf defaults, bf16 on
+CUDA), ``fp8`` / ``fp8-rowwise`` / ``fp8-tensorwise`` (the defaults with FP8 encoder linear layers).
+The first row of each model and mask mode is always the step ``ijepa-fast train`` runs with the
+recipe as shipped (``"perf": "defaults"``, the resolved switches in ``perf_resolved``); the other
+paths and the ``--perf`` variants are extra rows. With ``--reference`` and the
 released implementation in .bench_ref (shared/anchors/README.md), the released step is timed in
 the same run, fed ijepa-fast's reference-mode masks at the same seed, warm-up and steps
 (``benchmarks/reference_equal_work.py``), so that it and our reference-mask rows process the same
@@ -127,6 +130,10 @@ def main():
     if peak:
         emit({"bench": "matmul_peak", "tflops_bf16_8192": round(peak, 1), **env}, args.out)
     variants = [parse_variant(v) for v in args.perf]
+    # the first row of each setting is the user's step: what `ijepa-fast train` runs with the recipe as
+    # shipped ("perf": "defaults", every switch resolved for the device); paths and variants follow
+    runs = [("fast", {})] + [(p_, v) for p_ in args.paths.split(",") for v in (variants or [{}])
+                             if (p_ != "plain" or not v) and (p_, v) != ("fast", {})]
     rows = []
     for item in args.models.split(","):
         model, patch, batch = item.split(":")
@@ -135,8 +142,7 @@ def main():
             rows += reference_rows(model, patch, batch, steps=args.steps, warmup=args.warmup, out=args.out, env=env,
                                    variants=args.reference_variants.split(","), masks=args.reference_masks)
         for mode in args.masks.split(","):
-            for path, variant in [(p_, v) for p_ in args.paths.split(",") for v in (variants or [{}])
-                                  if p_ != "plain" or not v]:
+            for path, variant in runs:
                 fp8 = {"fp8": "rowwise", "fp8-rowwise": "rowwise", "fp8-tensorwise": "tensorwise"}.get(path)
                 spec = BenchSpec(model=model, patch=int(patch), img=args.img, batch=int(batch), pred_depth=pred_depth,
                                  mask_mode=mode, fast=path != "plain", fp8=fp8, perf=variant, steps=args.steps,

@@ -4,9 +4,10 @@
                                       [--masks default] [--path fast] [--warmup 5] [--steps 3]
                                       [--device cuda] [--out F.jsonl] [--md F.md] [--plant-sync]
 
-The step is built as ``ijepa_fast/bench.py`` builds it (fast paths: bf16 compute weights and
-per-block torch.compile on CUDA, the Triton kernels, the packed layout where a fused
-variable-length attention runs). After the warm-up, each of ``--steps`` steps runs under
+The step is built as ``ijepa_fast/bench.py`` builds it, by ``Engine.from_config``: with
+``--path fast`` the step ``ijepa-fast train`` runs with the recipe as shipped (every perf switch
+'auto': on CUDA bf16 compute weights, per-block torch.compile with token buckets, the Triton
+kernels, fused AdamW), ``--path plain`` the plain step. After the warm-up, each of ``--steps`` steps runs under
 torch.profiler and prints one line: device time by category (GEMM, attention, the engine's Triton
 ops, optimiser and EMA, copies, other kernels, which includes torch.compile's fused kernels), the
 synchronisation events the profiler saw (CUDA), new torch.compile compilations and graph breaks,
@@ -113,7 +114,7 @@ def build(args, device):
             setup.images[0, 0, 0, 0].item()
         return setup.step(i)
 
-    setup.warm_up_buckets()
+    setup.engine.warm_up(args.batch)
     return step, model
 
 

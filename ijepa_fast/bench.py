@@ -12,6 +12,8 @@ the predictor forward on each (context + target block) sequence, as in the refer
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -19,15 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .bench_report import RECIPES, add_spec_mfu, gpu_hours  # noqa: F401  (RECIPES: re-exported)
-from .config import MaskConfig, PerfConfig, merge
+from .config import Config, MaskConfig, PerfConfig, merge
+from .engine import Engine
 from .errors import ConfigError
-from .masks import MultiBlockSampler
 from .model import IJEPA
 from .models import VIT_SIZES
-from .perf import apply as apply_perf
-from .perf import fused_tail, optimizer_impl, warm_up
 from .schedules import Schedules
-from .step import make_optimizer, read_results, train_step
+from .step import read_results
 
 PUBLISHED_BATCH = {"vit_base": 256, "vit_large": 128, "vit_huge": 128, "vit_giant": 16, "vit_small": 256,
                    "vit_tiny": 256}
@@ -91,72 +91,67 @@ class BenchSpec:  # keyword-only: ten fields of like types
 
 @dataclass
 class StepSetup:
-    """A benchmark step, built once: ``step(i)`` runs training step ``i`` on the ``i``-th mask batch."""
-    model: IJEPA
-    run_model: IJEPA
-    perf: PerfConfig
-    master: object
-    tail: object
+    """A benchmark step, built once: ``step(i)`` runs training step ``i`` on the ``i``-th mask batch
+    through ``engine`` (the trainer's step, assembled by ``Engine.from_config`` from ``cfg``)."""
+    engine: Engine
+    cfg: Config
     pool: list
-    prepared: list
     images: torch.Tensor
     step: object
 
-    def warm_up_buckets(self) -> None:
-        """With token buckets and compile: every bucket compiled first, as the trainer does."""
-        if self.perf.token_buckets and self.perf.compile:
-            bf16 = self.master is None and self.images.device.type == "cuda"
-            with torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=bf16):
-                warm_up(self.run_model, self.images.to(self.master.dtype) if self.master is not None else self.images,
-                        self.pool)
+    @property
+    def model(self) -> IJEPA:
+        return self.engine.model
 
 
-def build_step(spec: BenchSpec, batches: int, mask: MaskConfig | None = None) -> StepSetup:
-    """The model with ``spec``'s switches, its optimiser, ``batches`` mask batches (prepared and on
-    the device), synthetic images, and the step closure (with the fused tail, as the trainer runs
-    it: no host synchronisation in the step). Shared by ``run`` and benchmarks/profile_step.py."""
-    device = torch.device(spec.device)
-    torch.manual_seed(0)
-    model = IJEPA.build(spec.model, img_size=spec.img, patch_size=spec.patch, pred_depth=spec.pred_depth)
-    model = model.to(device)
-    perf = PerfConfig(bf16_weights=spec.fast and device.type == "cuda", compile=spec.fast and device.type == "cuda",
-                      optimizer="auto" if spec.fast else "foreach", fp8=spec.fp8 or "false")
-    if spec.perf:
-        if not spec.fast:
+def bench_config(spec: BenchSpec, mask: MaskConfig | None = None, base: Config | None = None) -> Config:
+    """The run config a benchmark times: ``base`` (default: the recipes' defaults, every perf switch
+    'auto') with only the spec's model, image size, batch, masks and perf switches changed. The plain
+    path (``fast=False``) is ``perf.preset=plain`` with the reference kernels and the padded layout."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
+    cfg.model.name, cfg.model.patch_size, cfg.model.pred_depth = spec.model, spec.patch, spec.pred_depth
+    cfg.data.crop_size, cfg.data.batch_size = spec.img, spec.batch
+    cfg.mask = copy.deepcopy(mask) if mask is not None else dataclasses.replace(cfg.mask, mode=spec.mask_mode)
+    if not spec.fast:
+        if spec.perf or spec.fp8:
             raise ValueError("perf settings apply to the fast path only")
-        merge(perf, dict(spec.perf), "perf.")
-    model.configure_kernels("auto" if spec.fast else "reference")
-    model.configure_layout("auto" if spec.fast else "padded")
-    optimizer = make_optimizer(model, impl=optimizer_impl(perf, device))
-    run_model, master = apply_perf(model, perf, device)
-    tail = fused_tail(model, optimizer, master, perf, device)
-    sched = Schedules(steps_per_epoch=1000, epochs=100)
-    sampler = MultiBlockSampler(model.grid, mask or MaskConfig(mode=spec.mask_mode), seed=0)
-    pool = [sampler.sample(spec.batch, s) for s in range(batches)]
-    prepared = [run_model.prepare(m).to(device) for m in pool]
+        cfg.perf.preset, cfg.model.kernels, cfg.model.layout = "plain", "reference", "padded"
+    if spec.fp8:
+        cfg.perf.fp8 = spec.fp8
+    merge(cfg.perf, dict(spec.perf), "perf.")
+    return cfg
+
+
+def build_step(spec: BenchSpec, batches: int, mask: MaskConfig | None = None, *, base: Config | None = None,
+               steps_per_epoch: int = 1000) -> StepSetup:
+    """The step ``ijepa-fast train`` would run with ``bench_config(spec, mask, base)``, built by the
+    same constructor (``Engine.from_config``), ``batches`` mask batches of its sampler and synthetic
+    images. Shared by ``run``, benchmarks/profile_step.py and the tests that prove the steps equal."""
+    device = torch.device(spec.device)
+    cfg = bench_config(spec, mask, base)
+    engine = Engine.from_config(cfg, device=device, schedules=Schedules.from_config(cfg.optim, steps_per_epoch))
+    pool = [engine.masks(spec.batch, s) for s in range(batches)]
     images = torch.randn(spec.batch, 3, spec.img, spec.img, device=device)
-    precision = "fp32" if device.type != "cuda" else "bf16"
 
     def step(i):
-        return train_step(model, optimizer, images, prepared[i], i, sched, precision=precision, master=master,
-                          tail=tail, sync=tail is None)
+        return engine.step(images, i, pool[i])
 
-    return StepSetup(model, run_model, perf, master, tail, pool, prepared, images, step)
+    return StepSetup(engine, cfg, pool, images, step)
 
 
 def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
     """Time ``spec.steps`` training steps after ``spec.warmup``; one result row."""
     device = torch.device(spec.device)
     setup = build_step(spec, spec.warmup + spec.steps)
-    model, perf, tail, pool, prepared, step = (setup.model, setup.perf, setup.tail, setup.pool, setup.prepared,
-                                               setup.step)
+    engine, pool, step = setup.engine, setup.pool, setup.step
+    model, perf = engine.model, engine.perf
     grid = model.grid
     ctx = statistics.mean(m.mean_tokens()[0] for m in pool)
     tgt = statistics.mean(m.mean_tokens()[1] for m in pool)
     k = pool[0].targets.shape[0]
 
     t0 = time.time()
-    setup.warm_up_buckets()
+    engine.warm_up(spec.batch)
     for i in range(spec.warmup):
         step(i)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -189,10 +184,9 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
            "ctx_tokens_per_img": round(ctx, 1), "ctx_tokens_per_s": round(spec.batch * ctx / sec),
            "tokens_per_s": round(spec.batch * (n + ctx + k * (ctx + tgt / k)) / sec),
            "gflop_per_img": round(flops / 1e9, 1), "tflops": round(flops * spec.batch / sec / 1e12, 2),
-           "loss": round(res.loss, 4), "warmup_s": round(warm_s, 1), "layout": _layout(prepared[0]),
-           "kernels": model.kernels, "perf": [k_ for k_ in ("bf16_weights", "compile") if getattr(perf, k_)]
-           + ([f"fp8={spec.fp8}"] if spec.fp8 else []) + [f"{k_}={v}" for k_, v in spec.perf.items()],
-           "optimizer": "fused_tail" if tail is not None else optimizer_impl(perf, device)}
+           "loss": round(res.loss, 4), "warmup_s": round(warm_s, 1), "layout": _layout(engine.prepare(pool[0])),
+           "kernels": model.kernels, "perf": perf_name(spec), "perf_resolved": dataclasses.asdict(perf),
+           "optimizer": "fused_tail" if engine.tail is not None else perf.optimizer}
     if peak_tflops:
         row["matmul_peak_tflops"] = round(peak_tflops, 1)
         row["mfu"] = round(row["tflops"] / peak_tflops, 3)
@@ -202,6 +196,16 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
         add_spec_mfu(row)
     row["gpu_hours"] = gpu_hours(row["images_per_s"], spec.model, spec.patch, spec.img)
     return row
+
+
+def perf_name(spec: BenchSpec):
+    """The row's name for its switches: 'defaults' (what ``ijepa-fast train`` runs with the recipe as
+    shipped: every switch 'auto'), 'plain', or the switches set by hand (``['fp8=rowwise', 'k=v']``)."""
+    if not spec.fast:
+        return "plain"
+    if not spec.perf and not spec.fp8:
+        return "defaults"
+    return ([f"fp8={spec.fp8}"] if spec.fp8 else []) + [f"{k}={v}" for k, v in spec.perf.items()]
 
 
 def _layout(masks) -> str:
@@ -216,7 +220,10 @@ def check_model(name: str) -> None:
 
 
 def run_command(args) -> int:
-    """``ijepa-fast bench``: one JSON line per (masks, path) measured."""
+    """``ijepa-fast bench``: one JSON line per (masks, step) measured. For each mask mode the first row
+    is the step ``ijepa-fast train`` runs with the recipe as shipped (``"perf": "defaults"``, every
+    switch resolved for the device in ``perf_resolved``); the plain path (``--paths plain|both``) and
+    the ``--perf`` / ``--fp8`` variant are extra rows."""
     import json
 
     check_model(args.model)
@@ -228,14 +235,17 @@ def run_command(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peak = matmul_peak_tflops(device)
     masks = ("reference", "default") if args.masks == "both" else (args.masks,)
-    paths = (False, True) if args.paths == "both" else (args.paths == "fast",)
     patch = args.patch or (14 if args.model == "vit_huge" else 16)
+    variants = [(True, None, {})]  # the defaults first
+    if args.paths in ("plain", "both"):
+        variants.append((False, None, {}))
+    if perf or args.fp8:
+        variants.append((True, args.fp8, perf))
     for mode in masks:
-        for fast in paths:
+        for fast, fp8, extra in variants:
             spec = BenchSpec(model=args.model, patch=patch, img=args.img, mask_mode=mode, fast=fast,
                              batch=args.batch or PUBLISHED_BATCH[args.model], pred_depth=args.pred_depth,
-                             steps=args.steps, warmup=args.warmup, device=str(device), fp8=args.fp8 if fast else None,
-                             perf=perf if fast else {})
+                             steps=args.steps, warmup=args.warmup, device=str(device), fp8=fp8, perf=extra)
             row = run(spec, peak)
             print(json.dumps(row), flush=True)
             if args.out:

@@ -105,10 +105,19 @@ def evaluate_goals(rows: list[dict], refs: list[dict]) -> list[dict]:
             met = met if met is None else met and (value >= limit if key == "mfu" else value <= limit)
             parts.append(f"MFU {value:.1%}" if key == "mfu" else f"peak {value:.1f} GiB")
         g["status"] = {True: "met", False: "not met", None: "not measured"}[met]
-        extra = [p for p in mine.get("perf", []) if p not in ("bf16_weights", "compile") and not p.startswith("fp8=")]
+        extra = _extras(mine)
         g["figure"] = "; ".join(parts) + (f" (with {', '.join(extra)})" if extra else "")
         out.append(g)
     return out
+
+
+def _extras(row: dict) -> list[str]:
+    """The perf switches a row set by hand beyond bf16 weights, compile and FP8 (rows name their
+    switches 'defaults', 'plain' or a list of ``key=value``; older rows list the switches on)."""
+    perf = row.get("perf") or []
+    if isinstance(perf, str):
+        return [] if perf in ("defaults", "plain") else [perf]
+    return [p for p in perf if p not in ("bf16_weights", "compile") and not p.startswith("fp8=")]
 
 
 def _name(model: str, patch) -> str:
@@ -141,8 +150,9 @@ def table_rows(rows: list[dict], refs: list[dict]) -> list[str]:
         for r in rows:
             if (r.get("model"), r.get("patch"), r.get("batch")) != (model, patch, batch):
                 continue
-            extra = [p for p in r.get("perf", []) if p not in ("bf16_weights", "compile") and not p.startswith("fp8=")]
-            step = ("ijepa-fast" if r.get("fast") else "ijepa-fast, plain path") + (
+            extra = _extras(r)
+            step = ("ijepa-fast, recipe as shipped (perf defaults)" if r.get("perf") == "defaults" else
+                    "ijepa-fast" if r.get("fast") else "ijepa-fast, plain path") + (
                 f", FP8 {r['fp8']}" if r.get("fp8") else ", bf16" if r.get("fast") else "") + (
                 f", {', '.join(extra)}" if extra else "")
             if r.get("error"):

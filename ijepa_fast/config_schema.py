@@ -117,34 +117,47 @@ class OptimConfig:
 
 @dataclass
 class PerfConfig:
-    bf16_weights: bool = opt(False, "run forward and backward on a bf16 copy of the weights without autocast (bf16 "
-                             "activations and residual stream); fp32 master weights stay in the optimiser, the EMA "
-                             "and the checkpoints")
-    activation_checkpointing: bool | str = opt(False, "recompute each encoder and predictor block in the backward "
+    """Every switch defaults to 'auto': resolved per device in one place (``perf.resolve``), to the
+    fastest measured step there; the resolved values are logged and written to the run's config.yaml."""
+
+    preset: str = opt("auto", "what the 'auto' switches resolve to: 'auto' = the fastest measured step on the "
+                      "run's device (on CUDA: bf16_weights, compile with token_buckets=4, fused AdamW; on the CPU "
+                      "the plain step), 'plain' = the plain step (fp32 weights under autocast, eager, no buckets; "
+                      "for debugging); 'fast' = auto (what a resolved config records). Switches set by hand win over "
+                      "either",
+                      ("auto", "fast", "plain"))
+    bf16_weights: bool | str = opt("auto", "run forward and backward on a bf16 copy of the weights without autocast "
+                                   "(bf16 activations and residual stream); fp32 master weights stay in the "
+                                   "optimiser, the EMA and the checkpoints; auto = on CUDA (not under FSDP)",
+                                   ("auto", True, False))
+    activation_checkpointing: bool | str = opt("auto", "recompute each encoder and predictor block in the backward "
                                                "pass: 'full' (or true: the whole block; least memory, about a "
                                                "third more compute) or 'selective' (keep matmul and attention "
-                                               "outputs, recompute layer norms, GELU, adds)",
-                                               (False, True, "full", "selective"),
+                                               "outputs, recompute layer norms, GELU, adds); auto = off",
+                                               ("auto", False, True, "full", "selective"),
                                                aliases={"none": False, "off": False})
     selective_blocks: str = opt("all", "with activation_checkpointing=selective: the blocks that recompute "
                                 "selectively; the others recompute fully ('predictor': its many short "
                                 "sequences hold most activations)", ("all", "predictor", "encoder"))
-    token_buckets: int = opt(0, "round the batch's token counts up to this many sizes per doubling (padding "
-                             "masked out: the same loss and gradients); with compile, static shapes and one "
-                             "compilation per bucket; 0 = off", (0, 1, 2, 4, 8, 16))
-    compile: bool = opt(False, "torch.compile each transformer block (dynamic shapes: no recompiles as lengths "
-                        "change; static shapes with token_buckets)")
-    fp8: str = opt("false", "float8 matmuls in the context and target encoders' linear layers (torchao; CUDA compute "
+    token_buckets: int | str = opt("auto", "round the batch's token counts up to this many sizes per doubling "
+                                   "(padding masked out: the same loss and gradients); with compile, static shapes "
+                                   "and one compilation per bucket; 0 = off (not with compile); auto = 4 with "
+                                   "compile, else 0", ("auto", 0, 1, 2, 4, 8, 16))
+    compile: bool | str = opt("auto", "torch.compile each transformer block, with static shapes (token buckets: "
+                              "one compilation per bucket, all of them before training); auto = on CUDA",
+                              ("auto", True, False))
+    fp8: str = opt("auto", "float8 matmuls in the context and target encoders' linear layers (torchao; CUDA compute "
                    "capability >= 8.9): 'rowwise' or 'tensorwise' scaling, 'false' = off (true = rowwise); the "
-                   "predictor, the weights of record and the checkpoints are unchanged",
-                   ("false", "rowwise", "tensorwise"), aliases={True: "rowwise", False: "false", "true": "rowwise",
-                                                                "none": "false", "off": "false"})
+                   "predictor, the weights of record and the checkpoints are unchanged; auto = off",
+                   ("auto", "false", "rowwise", "tensorwise"), aliases={True: "rowwise", False: "false",
+                                                                        "true": "rowwise", "none": "false",
+                                                                        "off": "false"})
     fp8_emulate: bool = opt(False, "for testing: emulate the FP8 casts with high-precision matmuls on any device "
                             "(the FP8 numerics, no speed-up)")
     optimizer: str = opt("auto", "AdamW implementation: 'fused', 'foreach', 'single' (torch), or 'fused_tail' (AdamW, "
                          "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused on CUDA, "
-                         "foreach elsewhere (fused_tail is opt-in until it has been checked on a GPU)",
-                         ("auto", "fused", "foreach", "single", "fused_tail"))
+                         "foreach elsewhere (fused_tail is opt-in until a GPU test has compared its weights with "
+                         "torch's AdamW + EMA on a card)", ("auto", "fused", "foreach", "single", "fused_tail"))
 
 
 @dataclass

@@ -40,12 +40,14 @@ def validate(cfg) -> None:
     _mask(cfg.mask)
     _optim(cfg.optim, cfg.data)
     _run(cfg.run)
-    _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.bf16_weights), "perf.bf16_weights",
+    _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.bf16_weights is True), "perf.bf16_weights",
           "FSDP has its own bf16 parameters: leave perf.bf16_weights off with dist.strategy=fsdp")
     _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.optimizer == "fused_tail"), "perf.optimizer",
           "the fused tail works on whole parameters, not FSDP shards: use perf.optimizer=auto with dist.strategy=fsdp")
-    _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.fp8 != "false"), "perf.fp8",
+    _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.fp8 not in ("false", "auto")), "perf.fp8",
           "FP8 linear layers are not supported with dist.strategy=fsdp here: use dist.strategy=ddp or perf.fp8=false")
+    _need(not (cfg.perf.compile is True and cfg.perf.token_buckets == 0), "perf.token_buckets",
+          "0 with perf.compile=true would compile dynamic shapes (the slow path): leave it auto or set 1-16")
 
 
 def _model(m, d) -> None:

@@ -4,11 +4,13 @@
     loader = DataLoader(images, batch_size=64, num_workers=8, collate_fn=module.collate_fn(), drop_last=True)
     lightning.Trainer(max_epochs=300).fit(module, loader)       # resume: fit(..., ckpt_path="last.ckpt")
 
-Each training step is ``step.train_step``, run with manual optimisation: the schedules' LR and
-weight decay set on the reference's four AdamW groups, forward, backward, the finiteness check
-(a non-finite loss or gradient raises before the optimiser or the target encoder is touched),
-optional clipping and micro-batches, AdamW, then the EMA update of the target encoder at the
-step's momentum. Running our step instead of re-expressing it in Lightning's automatic
+Each training step is ``Engine.step`` (the engine is assembled when Lightning asks for the
+optimiser, on the module's device, with the same perf switches as ``ijepa-fast train``: every
+``perf`` switch 'auto' by default, fast on CUDA), run with manual optimisation: the schedules' LR
+and weight decay set on the reference's four AdamW groups, forward, backward, the finiteness
+check (a non-finite loss or gradient raises before the optimiser or the target encoder is
+touched), optional clipping and micro-batches, AdamW, then the EMA update of the target encoder at
+the step's momentum. Running our step instead of re-expressing it in Lightning's automatic
 optimisation keeps the trajectory identical to ``train_step``'s and ``Engine``'s by construction;
 so the Trainer's ``gradient_clip_val`` and ``accumulate_grad_batches`` do not apply (Lightning
 refuses them under manual optimisation): pass ``grad_clip`` and ``accum_steps`` here.
@@ -20,15 +22,17 @@ Lightning is imported only here, never by ``import ijepa_fast``.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .checkpoint import rng_state, set_rng_state
-from .config import MaskConfig
+from .config import MaskConfig, PerfConfig
+from .engine import Engine
 from .errors import ConfigError
 from .masks import MaskBatch, MaskCollator, MultiBlockSampler
 from .model import IJEPA
 from .schedules import Schedules
-from .step import make_optimizer, train_step
 
 try:
     import lightning.pytorch as pl
@@ -46,12 +50,14 @@ class IJEPAModule(pl.LightningModule):
     ``schedules``: LR, weight decay and EMA momentum by step (``Schedules(len(loader), epochs)``).
     ``mask``, ``seed``: the mask sampler's settings. ``precision``: 'auto' (bf16 autocast on CUDA,
     fp32 elsewhere), 'bf16' or 'fp32'. ``grad_clip``, ``accum_steps``: as in ``train_step``.
-    ``lr``, ``weight_decay``, ``betas``, ``eps``, ``optimizer_impl``: ``make_optimizer``'s.
+    ``lr``, ``weight_decay``, ``betas``, ``eps``: ``make_optimizer``'s. ``perf``: the speed-ups, as
+    in ``Engine`` (``optimizer_impl``, when not 'auto', sets ``perf.optimizer``).
     """
 
     def __init__(self, model: IJEPA, schedules: Schedules, *, mask: MaskConfig | None = None, seed: int = 0,
                  precision: str = "auto", grad_clip: float | None = None, accum_steps: int = 1, lr: float = 1e-3,
-                 weight_decay: float = 0.04, betas=(0.9, 0.999), eps: float = 1e-8, optimizer_impl: str = "auto"):
+                 weight_decay: float = 0.04, betas=(0.9, 0.999), eps: float = 1e-8, optimizer_impl: str = "auto",
+                 perf: PerfConfig | None = None):
         super().__init__()
         self.automatic_optimization = False  # the step is train_step's (see the module docstring)
         self.model = model
@@ -59,7 +65,11 @@ class IJEPAModule(pl.LightningModule):
         self.mask_cfg, self.seed = mask or MaskConfig(), int(seed)
         self.sampler = MultiBlockSampler(model.grid, self.mask_cfg, seed=self.seed)
         self.precision_mode, self.grad_clip, self.accum_steps = precision, grad_clip, accum_steps
-        self._optim = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, impl=optimizer_impl)
+        self._optim = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        self.perf = copy.deepcopy(perf) if perf is not None else PerfConfig()
+        if optimizer_impl != "auto":
+            self.perf.optimizer = optimizer_impl
+        self._engine: tuple[Engine, ...] = ()  # (the engine,) once built: not a child module (same checkpoint keys)
         self._collators: list[MaskCollator] = []
         self._resumed_step: int | None = None
         self.last_result = None  # the StepResult of the latest step
@@ -77,8 +87,19 @@ class IJEPAModule(pl.LightningModule):
         self._collators.append(collator)
         return collator
 
+    @property
+    def engine(self) -> Engine:
+        """The run's ``Engine`` (built by ``configure_optimizers``)."""
+        if not self._engine:
+            raise RuntimeError("IJEPAModule.engine is built when Lightning configures the optimiser (fit)")
+        return self._engine[0]
+
     def configure_optimizers(self):
-        return make_optimizer(self.model, **self._optim)
+        engine = Engine(self.model, self.schedules, perf=self.perf, precision=self.precision_mode,
+                        grad_clip=self.grad_clip, accum_steps=self.accum_steps, device=self.device, strategy="none",
+                        sampler=self.sampler, **self._optim)
+        self._engine = (engine,)
+        return engine.optimizer
 
     # -- keeping the collators' steps in line with global_step
     def setup(self, stage: str) -> None:
@@ -90,6 +111,8 @@ class IJEPAModule(pl.LightningModule):
             s.rank, s.world = rank, world  # a DistributedSampler gives rank r images r, r + world, ...
 
     def on_fit_start(self) -> None:
+        if self.engine.master is not None:
+            self.engine.master.sync_params()  # the bf16 copy from the (possibly restored) weights
         # the first pass's loader iterator starts before on_train_epoch_start, and the restored
         # global_step only appears after this hook: a resumed run's step comes from its checkpoint
         start = self._resumed_step if self._resumed_step is not None else self.global_step
@@ -108,8 +131,11 @@ class IJEPAModule(pl.LightningModule):
         step = self.global_step
         if masks is None:
             masks = self.sampler.sample(len(images), step).to(images.device)
-        result = train_step(self.model, self.optimizers(), images, masks, step, self.schedules,
-                            precision=self.precision_mode, grad_clip=self.grad_clip, accum_steps=self.accum_steps)
+        optimizer = self.optimizers()
+        result = self.engine.step(images, step, masks, optimizer=optimizer)
+        if self.engine.tail is not None:  # the fused tail steps AdamW's state itself: count the step as Lightning does
+            optimizer._on_before_step()
+            optimizer._on_after_step()
         self.last_result = result
         self.log_dict({"loss": result.loss, "lr": result.lr}, prog_bar=True, on_step=True, on_epoch=False,
                       batch_size=len(images))

@@ -8,6 +8,7 @@ and exits cleanly on SIGTERM / SIGUSR1, and stops on a non-finite loss before an
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shlex
@@ -17,21 +18,21 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, distributed, perf
+from . import __version__, distributed
 from ._compat import keyword_only
 from .checkpoint import training_checkpoint
 from .config import Config
 from .data import build_loader, build_source
+from .engine import Engine
 from .errors import DataError, TrainingStopped
 from .loggers import check_available, open_loggers
 from .masks import MultiBlockSampler
-from .model import IJEPA
 from .monitor import CollapseMonitor
 from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_config, remove_if_created
 from .runlog import Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
 from .schedules import Schedules
-from .step import make_optimizer, read_results, train_step
-from .train_setup import describe_run, resolve_device, scaled_optim, warm_up_buckets
+from .step import read_results
+from .train_setup import describe_run, resolve_device, scaled_optim
 from .train_state import CheckpointManager, load_for_resume
 
 try:
@@ -70,7 +71,7 @@ class Trainer:
             raise
         open_file_log(self.run_dir, self.rank)
         if self.rank == 0:
-            changed = record_config(self.run_dir, cfg.to_dict(), resumed=before is not None,
+            changed = record_config(self.run_dir, self.cfg.to_dict(), resumed=before is not None,
                                     before=before or None, step=self.step)
             if changed:
                 log.warning(f"resumed with changed settings: {', '.join(changed)} (config.yaml keeps the run's first "
@@ -112,23 +113,19 @@ class Trainer:
         self.schedules = Schedules.from_config(self.optim, self.steps_per_epoch)
 
     def _setup_model(self):
-        """The model, then the speed-ups and the wrappers in a fixed order (bf16 copy, activation
-        checkpointing, compile, DDP / FSDP), then the optimiser over the fp32 model."""
-        c, o = self.cfg, self.optim
-        torch.manual_seed(c.run.seed)
-        self.model = IJEPA.from_config(c).to(self.device)
-        strategy = c.dist.strategy if c.dist.strategy != "auto" else "ddp"
-        self.strategy = strategy if self.world > 1 else "none"
-        describe_run(self)
-        self.run_model, self.master = perf.apply(self.model, c.perf, self.device)
-        self.forward, self.grad_reduce = distributed.data_parallel(self.run_model, self.master, self.strategy,
-                                                                   self.device, c.optim.accum_steps == 1)
-        self.optimizer = make_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                                        impl=perf.optimizer_impl(c.perf, self.device))
-        self.tail = perf.fused_tail(self.model, self.optimizer, self.master, c.perf, self.device)
-        # the fused tail decides finiteness on the device: values are read only when logged or saved
-        self.deferred = self.tail is not None and c.optim.on_nonfinite == "stop" and not distributed.active()
-        self._halt = torch.zeros((), device=self.device) if self.deferred else None
+        """The run's step, assembled by ``Engine.from_config`` (model -> perf switches -> DDP / FSDP ->
+        optimiser -> fused tail, in the engine's one order); the config keeps the resolved switches."""
+        c = self.cfg
+        self.engine = e = Engine.from_config(c, device=self.device, schedules=self.schedules, optim=self.optim,
+                                             sampler=self.sampler)
+        self.cfg = dataclasses.replace(c, perf=e.perf)  # config.yaml and checkpoints record the resolved values
+        self.model, self.optimizer, self.run_model, self.master, self.tail = (e.model, e.optimizer, e.run_model,
+                                                                              e.master, e.tail)
+        self.strategy, self.deferred, self._halt = e.strategy, e.deferred, e.halt
+        describe_run(self.cfg, self.device, self.model, native_sampler=self.sampler.native() is not None,
+                     run_dir=self.run_dir, data=(getattr(self.source, "root", None), len(self.source)),
+                     world=self.world, steps_per_epoch=self.steps_per_epoch, peak_lr=self.schedules.lr,
+                     lr_factor=self.lr_factor, strategy=self.strategy)
         if self.rank == 0:
             check_room(self.run_dir, checkpoint_bytes(self.model))
 
@@ -186,7 +183,7 @@ class Trainer:
         if self.step >= stop:
             log.info(f"nothing to do: the run is at step {self.step} of {stop}")
             return self.run_dir
-        warm_up_buckets(self)
+        self.engine.warm_up(c.data.batch_size, self.step)
         loader = self.make_loader(stop)
         self.monitor = CollapseMonitor(self.source, c.data.crop_size, c.run, seed=c.run.seed, device=self.device)
         writer = open_loggers(c, self.run_dir, self.step) if self.rank == 0 else None  # metrics.jsonl and others
@@ -310,17 +307,8 @@ class Trainer:
         return want
 
     def _one_step(self, batch):
-        images = batch.images.to(self.device, non_blocking=True)
-        masks = batch.masks
-        if self.cfg.optim.accum_steps == 1:  # packing (when the layout says so) is integer bookkeeping: do it here
-            masks = self.run_model.prepare(masks)
-        masks = masks.to(self.device, non_blocking=True)
-        agree = (lambda f: distributed.all_agree(f, self.device)) if distributed.active() else None
         try:
-            res = train_step(self.model, self.optimizer, images, masks, batch.step, self.schedules,
-                             precision=self.cfg.run.precision, grad_clip=self.cfg.optim.grad_clip, master=self.master,
-                             forward=self.forward, accum_steps=self.cfg.optim.accum_steps, agree=agree,
-                             grad_reduce=self.grad_reduce, tail=self.tail, sync=not self.deferred, halt=self._halt)
+            res = self.engine.step(batch.images, batch.step, batch.masks)
             self._skips = 0
             return res
         except FloatingPointError as e:

@@ -153,6 +153,9 @@ def test_bench_run_takes_perf_variants_on_the_cpu():
     plain = run(BenchSpec(**base, fast=True))
     assert tail["optimizer"] == "fused_tail" and "optimizer=fused_tail" in tail["perf"]
     assert plain["optimizer"] == "foreach"
+    # no switch set: the row is the user's step, named so, with every switch resolved for the device
+    assert plain["perf"] == "defaults" and tail["perf"] == ["optimizer=fused_tail"]
+    assert plain["perf_resolved"]["preset"] == "fast" and "auto" not in plain["perf_resolved"].values()
     assert abs(tail["loss"] - plain["loss"]) < 1e-3 * abs(plain["loss"]) + 1e-6
     import pytest
 

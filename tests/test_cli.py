@@ -78,6 +78,8 @@ def test_cli_bench_smoke_on_cpu(tmp_path):
     benchmark): both mask modes, fast paths on and off, one JSON object per line."""
     p = run_cli("bench", "--model", "vit_tiny", "--batch", "4", "--steps", "2", "--device", "cpu", cwd=tmp_path)
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [(r["masks"], r["perf"]) for r in rows] == [("reference", "defaults"), ("reference", "plain"),
+                                                       ("default", "defaults"), ("default", "plain")]
     assert {(r["masks"], r["fast"]) for r in rows} == {("reference", False), ("reference", True), ("default", False),
                                                        ("default", True)}
     for r in rows:

@@ -32,7 +32,7 @@ def _cat(grads: dict, prefix: str) -> torch.Tensor:
 
 
 def test_fp8_config_key():
-    assert load_config(None, []).perf.fp8 == "false"
+    assert load_config(None, []).perf.fp8 == "auto"  # resolved to off (perf.resolve)
     assert load_config(None, ["perf.fp8=true"]).perf.fp8 == "rowwise"  # true means rowwise
     assert load_config(None, ["perf.fp8=tensorwise"]).perf.fp8 == "tensorwise"
     assert load_config(None, ["perf.fp8=false"]).perf.fp8 == "false"

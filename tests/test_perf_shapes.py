@@ -120,29 +120,30 @@ def test_selective_checkpointing_with_compile_and_bf16_copy():
 
 
 def test_trainer_warm_up_runs_each_bucket_and_changes_nothing(tiny_cfg, tmp_path):
-    """The trainer's warm-up before training (token buckets with compile) runs one pass per distinct
-    bucket among the coming steps' masks and leaves weights, gradients and random state alone."""
+    """The engine's warm-up before training (token buckets with compile), which the trainer runs,
+    makes one pass per distinct bucket among the coming steps' masks and leaves weights, gradients
+    and random state alone."""
     import dataclasses
 
     from ijepa_fast.buckets import shape_key
     from ijepa_fast.train import Trainer
-    from ijepa_fast.train_setup import warm_up_buckets
 
     cfg = dataclasses.replace(tiny_cfg)
     cfg.perf.token_buckets = 4
     cfg.run.dir = str(tmp_path / "run")
     trainer = Trainer(cfg)
-    assert warm_up_buckets(trainer) == 0  # compile is off: nothing to warm up
+    engine = trainer.engine
+    assert not engine.perf.compile and engine.warm_up(cfg.data.batch_size) == 0  # compile off (CPU): nothing to do
     before = {n: p.detach().clone() for n, p in trainer.model.state_dict().items()}
     rng = torch.get_rng_state()
     b = cfg.data.batch_size
     want = {shape_key(trainer.run_model.prepare(trainer.sampler.sample(b, s))) for s in range(32)}
-    assert warm_up_buckets(trainer, force=True) == len(want) >= 1
+    assert engine.warm_up(b, steps=32, force=True) == len(want) >= 1
     # with micro-batches: the shapes of the slices the step runs (each keeps its batch's padded length)
-    trainer.cfg.optim.accum_steps = 2
+    engine.accum_steps = 2
     want = {shape_key(trainer.run_model.prepare(trainer.sampler.sample(b, s).slice(i, i + b // 2)))
             for s in range(32) for i in (0, b // 2)}
-    assert warm_up_buckets(trainer, force=True) == len(want)
+    assert engine.warm_up(b, steps=32, force=True) == len(want)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in trainer.run_model.parameters())
     for n, p in trainer.model.state_dict().items():

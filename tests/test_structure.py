@@ -117,3 +117,68 @@ def test_kernels_import_nothing_from_the_engine():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert node.level <= 1 and not (node.module or "").startswith(PACKAGE), f"{path.name}: {ast.dump(node)}"
+
+
+# the step's assembly: the calls that build a run model, and the one module allowed to make them
+ASSEMBLER = f"{PACKAGE}.engine"
+ASSEMBLY_CALLS = {f"{PACKAGE}.perf": {"apply", "optimizer_impl", "fused_tail"}, f"{PACKAGE}.tail": {"FusedTail"}}
+
+
+def assembly_calls(name: str, path: Path) -> set[str]:
+    """The assembly calls (``perf.apply``, ``perf.optimizer_impl``, ``perf.fused_tail``,
+    ``tail.FusedTail``, and ``make_optimizer(..., impl=...)``) made anywhere in a file, as
+    'module.function', whatever name they were imported under."""
+    is_pkg = path.name == "__init__.py"
+    tree = ast.parse(path.read_text(), str(path))
+    funcs, mods = {}, {}  # local name -> 'module.function' / guarded module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = name.split(".")
+            mod = ".".join(base[:len(base) - node.level + (1 if is_pkg else 0)] + [node.module or ""]).strip(".") \
+                if node.level else node.module or ""
+            for a in node.names:
+                if f"{mod}.{a.name}" in ASSEMBLY_CALLS:
+                    mods[a.asname or a.name] = f"{mod}.{a.name}"
+                elif a.name in ASSEMBLY_CALLS.get(mod, ()) or a.name == "make_optimizer":
+                    funcs[a.asname or a.name] = f"{mod}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in ASSEMBLY_CALLS:
+                    mods[a.asname or a.name] = a.name
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        target = funcs.get(f.id) if isinstance(f, ast.Name) else None
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in mods \
+                and f.attr in ASSEMBLY_CALLS[mods[f.value.id]]:
+            target = f"{mods[f.value.id]}.{f.attr}"
+        if target and target.endswith(".make_optimizer"):
+            target = target if any(k.arg == "impl" for k in node.keywords) else None
+        if target:
+            found.add(target)
+    return found
+
+
+def test_assembly_checker_sees_every_spelling(tmp_path):
+    """The checker itself: aliases, module imports and keyword use are all seen."""
+    src = tmp_path / "m.py"
+    src.write_text("from . import perf as P\nfrom .perf import fused_tail as ft\nfrom .step import make_optimizer\n"
+                   "def f(m):\n    P.apply(m)\n    ft(m)\n    make_optimizer(m)\n    make_optimizer(m, impl='x')\n")
+    assert assembly_calls(f"{PACKAGE}.m", src) == {f"{PACKAGE}.perf.apply", f"{PACKAGE}.perf.fused_tail",
+                                                   f"{PACKAGE}.step.make_optimizer"}
+
+
+def test_the_engine_alone_assembles_the_step():
+    """Only the engine applies the perf switches, picks the AdamW implementation and builds the
+    fused tail (perf.py and tail.py, which define them, aside): the trainer, the bench, the
+    profiler, the Lightning module and the examples get their step from it."""
+    files = dict(source_modules())
+    for folder in ("benchmarks", "examples"):
+        files.update({f"{folder}.{p.stem}": p for p in sorted((ROOT / folder).glob("*.py"))})
+    calls = {n: assembly_calls(n, p) for n, p in files.items() if n not in (f"{PACKAGE}.perf", f"{PACKAGE}.tail")}
+    assert calls[ASSEMBLER] == {f"{PACKAGE}.perf.apply", f"{PACKAGE}.perf.optimizer_impl",
+                                f"{PACKAGE}.perf.fused_tail", f"{PACKAGE}.step.make_optimizer"}
+    bad = {n: sorted(c) for n, c in calls.items() if c and n != ASSEMBLER}
+    assert not bad, f"the step is assembled outside {ASSEMBLER}: {bad}"
