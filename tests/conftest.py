@@ -13,12 +13,12 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout the tests come from
-SHARED = ROOT.parent / "shared"
+GOLDEN = Path(__file__).resolve().parent / "golden"  # the recorded reference steps, committed with the tests
 
 
 def reference_dir() -> Path:
-    """The reference's golden files: $IJEPA_REFERENCE_DIR, by default ../shared/golden beside the checkout."""
-    return Path(os.environ.get("IJEPA_REFERENCE_DIR", SHARED / "golden"))
+    """The reference's golden files: $IJEPA_REFERENCE_DIR when set, else tests/golden in the checkout."""
+    return Path(os.environ.get("IJEPA_REFERENCE_DIR") or GOLDEN)
 
 
 def pytest_sessionstart(session):

@@ -2,7 +2,7 @@ import os
 
 import pytest
 import torch
-from conftest import reference_dir
+from conftest import GOLDEN
 
 from ijepa_fast.checkpoint import (
     CheckpointError,
@@ -43,9 +43,9 @@ def test_checkpoint_round_trip_builds_models_from_weights(tmp_path):
 
 
 def test_checkpoint_published_golden_file_loads():
-    ckpt = read_checkpoint(reference_dir() / "ref_ckpt_tiny.pth.tar")
+    ckpt = read_checkpoint(GOLDEN / "ref_ckpt_tiny.pth.tar")
     assert all(k.startswith("module.") for k in ckpt["encoder"])
-    gold = torch.load(reference_dir() / "ref_step_tiny.pt", weights_only=False)
+    gold = torch.load(GOLDEN / "ref_step_tiny.pt", weights_only=False)
     enc = encoder_from_checkpoint(ckpt, "target_encoder", num_heads=gold["config"]["num_heads"])
     for k, v in gold["state_before"]["target_encoder"].items():
         assert torch.equal(enc.state_dict()[k], v)

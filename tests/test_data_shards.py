@@ -152,16 +152,14 @@ def test_shards_command(tmp_path):
 
 
 def test_shards_extract_features_equal_the_folder(tmp_path):
-    from conftest import reference_dir
+    from conftest import GOLDEN
 
     from ijepa_fast.checkpoint import encoder_from_checkpoint
     from ijepa_fast.data import open_images
     from ijepa_fast.eval import extract
 
-    ckpt = reference_dir() / "ref_ckpt_tiny.pth.tar"
-    if not ckpt.exists():
-        pytest.skip(f"no golden checkpoint at {ckpt}")
-    gold = torch.load(reference_dir() / "ref_step_tiny.pt", weights_only=False)
+    ckpt = GOLDEN / "ref_ckpt_tiny.pth.tar"
+    gold = torch.load(GOLDEN / "ref_step_tiny.pt", weights_only=False)
     enc = encoder_from_checkpoint(ckpt, num_heads=gold["config"]["num_heads"])
     img = enc.patch_size * enc.grid[0]
     src = image_folder(tmp_path / "imgs", per_class=2)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import reference_dir, run_cli
+from conftest import GOLDEN, run_cli
 from PIL import Image
 
 from ijepa_fast.checkpoint import encoder_from_checkpoint
@@ -21,19 +21,19 @@ from ijepa_fast.eval import (
 
 
 def test_eval_extraction_on_golden_checkpoint_equals_pooled_target_output():
-    gold = torch.load(reference_dir() / "ref_step_tiny.pt", weights_only=False)
-    enc = encoder_from_checkpoint(reference_dir() / "ref_ckpt_tiny.pth.tar", num_heads=gold["config"]["num_heads"])
+    gold = torch.load(GOLDEN / "ref_step_tiny.pt", weights_only=False)
+    enc = encoder_from_checkpoint(GOLDEN / "ref_ckpt_tiny.pth.tar", num_heads=gold["config"]["num_heads"])
     pooled, tokens = encode(enc.eval(), gold["images"], tokens=True)
     expected = gold["target_encoder_out"].mean(1)  # the target encoder (default), average-pooled
     torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tokens, gold["target_encoder_out"], rtol=1e-5, atol=1e-6)
-    ctx = encoder_from_checkpoint(reference_dir() / "ref_ckpt_tiny.pth.tar", "encoder", gold["config"]["num_heads"])
+    ctx = encoder_from_checkpoint(GOLDEN / "ref_ckpt_tiny.pth.tar", "encoder", gold["config"]["num_heads"])
     assert not torch.allclose(encode(ctx.eval(), gold["images"])[0], expected)  # the other encoder differs
 
 
 def test_eval_interpolation_exact_at_native_grid_and_other_resolutions_run():
-    gold = torch.load(reference_dir() / "ref_step_tiny.pt", weights_only=False)
-    enc = encoder_from_checkpoint(reference_dir() / "ref_ckpt_tiny.pth.tar", num_heads=4).eval()
+    gold = torch.load(GOLDEN / "ref_step_tiny.pt", weights_only=False)
+    enc = encoder_from_checkpoint(GOLDEN / "ref_ckpt_tiny.pth.tar", num_heads=4).eval()
     assert enc.pos_for(enc.grid) is enc.pos_embed  # native grid: the table itself
     big = torch.nn.functional.interpolate(gold["images"], scale_factor=2, mode="bilinear")
     pooled, tokens = encode(enc, big, tokens=True)

@@ -64,12 +64,12 @@ def test_perf_master_weights_gradients_and_step():
         if r.grad is None:
             continue
         assert m.grad.dtype == torch.float32
-        # measured 0.3-13 % per tensor (the largest on the predictor's layer-norm biases, small
-        # gradients summed in bf16); a wrong scale or a missing term is far outside
-        assert rel_err(m.grad, r.grad) < 0.2, f"{name}: relative error {rel_err(m.grad, r.grad):.3f}"
+        # measured 0.18-0.69 % per tensor (layer norms in fp32; with bf16 layer norms the predictor's
+        # layer-norm biases were 44 % off); a wrong scale or a missing term is far outside
+        assert rel_err(m.grad, r.grad) < 0.02, f"{name}: relative error {rel_err(m.grad, r.grad):.3f}"
         ours.append(m.grad.flatten())
         want.append(r.grad.flatten())
-    assert rel_err(torch.cat(ours), torch.cat(want)) < 0.01  # measured 0.42 % (bf16 autocast: 0.21 %)
+    assert rel_err(torch.cat(ours), torch.cat(want)) < 0.01  # measured 0.39 % (bf16 autocast: 0.21 %)
     model.zero_grad(set_to_none=True)
     # a whole step: the optimiser and the EMA act on the fp32 masters, the compute copy follows
     sched = Schedules(steps_per_epoch=10, epochs=1, warmup=0.2)

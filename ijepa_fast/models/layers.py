@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from .attention import attention, check_impl
+from .norm import LayerNorm
 from .varlen import VarlenMeta, attention_varlen
 
 
@@ -74,9 +75,9 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = True,
                  norm_eps: float = 1e-6, attn_impl: str = "sdpa"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, impl=attn_impl)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         # activation checkpointing: False, "full" (or True: recompute the whole block in the backward
         # pass) or "selective" (keep the matmul and attention outputs, recompute the rest)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..kernels.predictor_tokens import predictor_tokens, predictor_tokens_packed
 from .attention import key_mask_from_lengths
 from .layers import Block, rescale_residual_projections, trunc_normal_, trunc_normal_init
+from .norm import LayerNorm
 from .pos_embed import interpolate_pos_embed, sincos_2d
 from .vit import as_pair
 
@@ -29,7 +30,7 @@ class VisionTransformerPredictor(nn.Module):
         self.predictor_pos_embed = nn.Parameter(table, requires_grad=False)
         self.predictor_blocks = nn.ModuleList(
             Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, attn_impl) for _ in range(depth))
-        self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=norm_eps)
+        self.predictor_norm = LayerNorm(predictor_embed_dim, eps=norm_eps)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
         self.init_std = init_std
         self.kernels = "auto"  # kernel backend of the fused ops (see ijepa_fast.kernels.dispatch)

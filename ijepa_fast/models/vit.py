@@ -14,6 +14,7 @@ from ..kernels.gather_tokens import gather_tokens as gather_tokens_op
 from ..kernels.gather_tokens import gather_tokens_packed
 from .attention import key_mask_from_lengths
 from .layers import Block, PatchEmbed, rescale_residual_projections, trunc_normal_init
+from .norm import LayerNorm
 from .pos_embed import interpolate_pos_embed, sincos_2d
 
 
@@ -63,7 +64,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid).unsqueeze(0), requires_grad=False)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, attn_impl) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.norm = LayerNorm(embed_dim, eps=norm_eps)
         self.num_patches = num_patches
         self.init_std = init_std
         self.kernels = "auto"  # kernel backend of the fused ops (see ijepa_fast.kernels.dispatch)
