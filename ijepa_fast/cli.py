@@ -557,7 +557,12 @@ def main(argv=None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """The message on one line; an error re-raised from a data-loader worker keeps only its own message."""
+    text = str(e)
+    if "Original Traceback" in text:  # torch's wrapper: "Caught X in DataLoader worker ... Traceback ... X: msg"
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(type(e).__name__) else last
+    return " ".join(text.split()) or type(e).__name__
 
 
 def _os_error(e: OSError) -> tuple[int, str]:

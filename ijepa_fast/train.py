@@ -319,6 +319,8 @@ class Trainer:
     def resume_hint(self) -> str:
         """The command that continues this run (in this run folder), for messages."""
         cmd = self.resume_command or "ijepa-fast train CONFIG [overrides]"
+        if "run.resume=" in cmd:  # the run continues from its own newest checkpoint (run.resume=auto)
+            cmd = " ".join(shlex.quote(a) for a in shlex.split(cmd) if not a.startswith("run.resume="))
         if "--run-dir" not in cmd and "run.dir=" not in cmd:
             cmd += f" --run-dir {shlex.quote(str(self.run_dir))}"
         if self.world > 1:
@@ -427,6 +429,11 @@ def run_trainer(trainer: Trainer) -> Path:
     """``trainer.run()``, then the run folder's lock given back and the process group closed."""
     try:
         return trainer.run()
+    except (ConfigError, DataError):  # the data failed before a checkpoint: a folder this command made goes again
+        if trainer.rank == 0:
+            close_logging()
+            remove_if_created(trainer.run_dir, trainer._created_run_dir)
+        raise
     finally:
         trainer.release()
         distributed.shutdown()
