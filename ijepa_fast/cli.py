@@ -539,7 +539,8 @@ def main(argv=None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
-        print("interrupted at once (a second Ctrl-C): the steps since the last checkpoint are lost", file=sys.stderr)
+        print("interrupted at once (a second Ctrl-C, or one during set-up): the steps since the last checkpoint are "
+              "lost" if args.command == "train" else "interrupted (Ctrl-C): no output was written", file=sys.stderr)
         return EXIT_SIGNAL["SIGINT"]
     except OSError as e:  # the machine's file system, said plainly
         code, text = _os_error(e)
