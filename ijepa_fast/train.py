@@ -222,7 +222,14 @@ class Trainer:
 
     # -- the loop
     def run(self) -> Path:
-        """Train to the end of the run (or ``run.max_steps``), checkpointing as configured; returns the run folder."""
+        """Train to the end of the run (or ``run.max_steps``), checkpointing as configured; returns the run
+        folder, whose lock is given back at the end."""
+        try:
+            return self._train_loop()
+        finally:
+            self.release()
+
+    def _train_loop(self) -> Path:
         c = self.cfg
         total = c.optim.epochs * self.steps_per_epoch
         stop = min(total, c.run.max_steps) if c.run.max_steps else total

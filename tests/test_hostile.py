@@ -426,3 +426,16 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert not (run / ".lock").exists()
+
+
+def test_trainer_run_gives_the_lock_back(world, tmp_path):
+    """A library user's Trainer(cfg).run(), twice in one process on one folder: the second continues the run."""
+    from ijepa_fast.config import load_config
+    from ijepa_fast.train import Trainer
+
+    run = _copy(world / "run", tmp_path / "run")
+    for steps in (5, 6):
+        cfg = load_config("demo_cpu", [*TINY, f"run.dir={run}", f"run.max_steps={steps}"])
+        Trainer(cfg).run()
+        assert not (run / ".lock").exists()
+    assert torch.load(run / "jepa-latest.pth.tar", weights_only=True)["ijepa_fast"]["step"] == 6
