@@ -22,12 +22,19 @@ def encoder(checkpoint, which: str = "target_encoder", num_heads: int | None = N
 
 
 def _named(name: str, patch_size: int, checkpoint, which: str, img_size, kw):
-    from ijepa_fast.errors import CheckpointError
+    from ijepa_fast.errors import CheckpointError, CheckpointUnreadable
     from ijepa_fast.models import VIT_SIZES, build_encoder
 
     if checkpoint is None:
         return build_encoder(name, img_size, patch_size, **kw).eval()
-    enc = encoder(checkpoint, which, VIT_SIZES[name].heads, **kw)
+    try:
+        enc = encoder(checkpoint, which, VIT_SIZES[name].heads, **kw)
+    except CheckpointUnreadable:
+        raise
+    except (CheckpointError, ValueError, RuntimeError) as e:  # another width: heads or shapes do not fit
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{checkpoint} does not hold a {name} encoder with patch {patch_size} ({why}); load it "
+                              f"with the 'encoder' entry point, which reads the size off the weights") from None
     size = VIT_SIZES[name]
     found = (enc.embed_dim, len(enc.blocks), enc.patch_size)
     if found != (size.dim, size.depth, patch_size):

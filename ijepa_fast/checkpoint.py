@@ -64,9 +64,24 @@ def _load(path: Path):
         raise CheckpointUnreadable(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except IsADirectoryError:
+        raise CheckpointUnreadable(f"cannot read checkpoint {path}: it is a folder; name a checkpoint file in it "
+                                   f"(e.g. {path}/jepa-latest.pth.tar)") from None
     except Exception as e:  # a torn, foreign or unsafe file: say which
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointUnreadable(f"cannot read checkpoint {path}: {why}") from None
+        raise CheckpointUnreadable(f"cannot read checkpoint {path}: {_load_failure(e)}") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """Why torch.load failed, in our words (never torch's advice to unpickle an untrusted file)."""
+    text = str(e)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("it holds Python objects besides tensors and plain containers, which are never unpickled here "
+                "(not a checkpoint of weights)")
+    if "invalid load key" in text or "zip archive" in text or "PytorchStreamReader" in text or "pickle" in text:
+        return "not a checkpoint file (torn, or another format)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def read_checkpoint(path) -> dict:
@@ -142,15 +157,36 @@ def load_training_checkpoint(path, model, optimizer) -> dict:
     return extra
 
 
+def write_error(path, e: BaseException) -> Exception:
+    """The one-line error for a failed write of ``path``: a full disk or an I/O error is the
+    machine's (MachineError), anything else (read-only, no permission) the user's to fix."""
+    import errno
+
+    from .errors import MachineError
+
+    old = " (the previous file is intact)" if Path(path).exists() else ""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or (
+            isinstance(e, RuntimeError) and ("enforce fail" in text or "file write failed" in text)):
+        return MachineError(f"could not write {path}: the disk is full; free some space and run again{old}")
+    if code == errno.EIO:
+        return MachineError(f"could not write {path}: an input/output error of the disk{old}")
+    why = e.strerror if isinstance(e, OSError) and e.strerror else text
+    return CheckpointError(f"could not write {path}: {why}; choose a writable place{old}")
+
+
 def write_atomic(path, write) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, fsync, the usual permissions (0666 less
     the umask), then rename over ``path``: a kill or a full disk at any moment leaves either the old
-    file or the new one, never a torn one. A failed write raises CheckpointError saying why."""
+    file or the new one, never a torn one. A failed write raises CheckpointError saying why
+    (MachineError for a full disk or an I/O error)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -159,13 +195,11 @@ def write_atomic(path, write) -> Path:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        old = " (the previous file is intact)" if path.exists() else ""
-        raise CheckpointError(f"could not write {path}: {why}{old}") from None
+        raise write_error(path, e) from None
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)

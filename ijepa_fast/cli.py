@@ -10,15 +10,31 @@
     ijepa-fast shard DIR OUT [--size 1GB --max-images N --seed S]   an image folder as tar shards
 
 CONFIG is a YAML path or the name of a built-in config (``ijepa-fast config --list``).
+
+Exit status: see ``EXIT_HELP`` (also at the end of ``ijepa-fast --help``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .errors import ConfigError, DataError, IJEPAFastError, TrainingStopped
+from .errors import ConfigError, DataError, IJEPAFastError, MachineError, TrainingStopped
 
 DEFAULT_CONFIG = "demo_cpu"
+
+# exit statuses: a finished command 0; a stop on a signal 128 + the signal's number (as a shell reports it)
+EXIT_MACHINE, EXIT_USER, EXIT_NONFINITE = 1, 2, 3
+EXIT_SIGNAL = {"SIGINT": 130, "SIGUSR1": 138, "SIGTERM": 143}
+EXIT_HELP = """exit status:
+  0    finished
+  1    a failure of the machine (a full disk, an I/O error) or an unexpected error
+  2    a user error: one line on stderr says what to change; nothing was written
+  3    training stopped on a non-finite loss or gradient (the last good checkpoint is intact)
+  130  stopped by Ctrl-C (SIGINT): the step in flight finished and a checkpoint was written
+  138  stopped by SIGUSR1, with a checkpoint
+  143  stopped by SIGTERM, with a checkpoint
+"""
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -60,12 +76,41 @@ def _load(args) -> tuple[object, str]:
 def cmd_train(args) -> int:
     import shlex
 
-    from .train import train
+    from .train import Trainer, run_trainer
 
     cfg, name = _load(args)
-    run_dir = train(cfg, name, resume_command="ijepa-fast " + " ".join(shlex.quote(str(a)) for a in args.argv))
+    argv = [a for a in args.argv if a != "--force"]  # the command that continues the run needs no --force
+    trainer = Trainer(cfg, name, resume_command="ijepa-fast " + " ".join(shlex.quote(str(a)) for a in argv),
+                      force=args.force)
+    run_dir = run_trainer(trainer)
     print(f"run folder: {run_dir}")
+    if trainer.stopped_by:
+        return EXIT_SIGNAL.get(trainer.stopped_by, EXIT_SIGNAL["SIGTERM"])
     return 0
+
+
+def _positive(value, flag: str, *, zero: bool = False) -> None:
+    """``--flag`` must be at least 1 (0 allowed with ``zero``)."""
+    low = 0 if zero else 1
+    if value is not None and value < low:
+        raise ConfigError(f"{flag}: must be at least {low}, got {value}")
+
+
+def _new_output(out, force: bool, siblings=()) -> None:
+    """An output path that exists is replaced only with --force; its folder must be creatable."""
+    from pathlib import Path
+
+    out = Path(out)
+    taken = [p for p in (out, *siblings) if p.exists() or p.is_symlink()]
+    if taken and not force:
+        raise ConfigError(f"{taken[0]} already exists: pass --force to replace it, or choose another output path")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write {out}: {parent} is not writable; choose another output path")
 
 
 def cmd_config(args) -> int:
@@ -87,24 +132,70 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from pathlib import Path
+
     from .interop import export_encoder
 
+    _positive(args.num_heads, "--num-heads")
+    if args.format == "safetensors" and Path(args.out).suffix != ".safetensors":
+        raise ConfigError(f"{args.out}: --format safetensors writes a .safetensors file; name it "
+                          f"{Path(args.out).with_suffix('.safetensors').name}, or choose --format timm or hf")
+    if args.format != "safetensors" and Path(args.out).suffix == ".safetensors":
+        raise ConfigError(f"{args.out}: --format {args.format} writes a folder, not a .safetensors file")
+    _check_input(args.checkpoint, "checkpoint")
+    _new_output(args.out, args.force)
     print(export_encoder(args.checkpoint, args.out, format=args.format, which=args.which, num_heads=args.num_heads)[1])
     return 0
 
 
 def cmd_import(args) -> int:
+    from pathlib import Path
+
     from .interop_import import import_encoder
 
+    for flag in ("num_heads", "pred_depth", "pred_dim", "pred_heads"):
+        _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    heads = args.pred_heads
+    if heads and args.pred_dim % heads:
+        raise ConfigError(f"--pred-heads {heads} does not divide --pred-dim {args.pred_dim}")
+    if not str(args.out).endswith((".pth.tar", ".pth", ".pt")):
+        raise ConfigError(f"{args.out}: the checkpoint import writes is a .pth.tar file; name it so")
+    if not Path(args.src).exists():
+        raise ConfigError(f"{args.src} does not exist: give a timm state dict file or folder, or a transformers "
+                          f"IJepaModel folder")
+    _new_output(args.out, args.force)
     print(import_encoder(args.src, args.out, format=args.format, num_heads=args.num_heads, pred_depth=args.pred_depth,
                          pred_dim=args.pred_dim, pred_heads=args.pred_heads, seed=args.seed)[1])
     return 0
 
 
 def cmd_bench(args) -> int:
+    from .bench import PUBLISHED_BATCH
+    from .models import VIT_SIZES
+
+    if args.model not in VIT_SIZES:
+        raise ConfigError(f"--model {args.model}: choose one of {', '.join(sorted(VIT_SIZES))}")
+    for flag in ("patch", "img", "batch", "pred_depth", "steps"):
+        _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    _positive(args.warmup, "--warmup", zero=True)
+    patch = args.patch or (14 if args.model == "vit_huge" else 16)
+    if args.img % patch:
+        raise ConfigError(f"--img {args.img}: not a multiple of the patch size {patch} "
+                          f"(e.g. {patch * (args.img // patch or 1)})")
+    batch = args.batch or PUBLISHED_BATCH.get(args.model, 1)
+    if batch > 4096:
+        raise ConfigError(f"--batch {batch}: more than 4096 images per step will not fit one device; lower it")
+    _device(args)
     from .bench import run_command
 
     return run_command(args)
+
+
+def _check_input(path, what: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise ConfigError(f"{what} {path} does not exist")
 
 
 def _encoder(args):
@@ -122,7 +213,24 @@ def _encoder(args):
 def _device(args):
     import torch
 
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"--device {spec!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec}: CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {spec}: use cpu, cuda or cuda:N")
+    return dev
+
+
+def _encoder_args_check(args) -> None:
+    _positive(args.img, "--img")
+    _positive(args.batch, "--batch")
+    _positive(args.workers, "--workers", zero=True)
+    _positive(args.num_heads, "--num-heads")
+    _device(args)
 
 
 def cmd_extract(args) -> int:
@@ -131,11 +239,23 @@ def cmd_extract(args) -> int:
     from .data import open_images
     from .eval import extract, save
 
-    if Path(args.out).suffix not in (".safetensors", ".npy"):
+    out = Path(args.out)
+    if out.suffix not in (".safetensors", ".npy"):
         raise ConfigError(f"--out {args.out}: write features as .safetensors or .npy")
+    _encoder_args_check(args)
+    _check_input(args.checkpoint, "checkpoint")
+    siblings = [out.with_name(out.stem + s) for s in ("_labels.npy", "_tokens.npy", "_meta.json")] \
+        if out.suffix == ".npy" else []
+    _new_output(out, args.force, siblings)
+    images = open_images(args.data)
     enc = _encoder(args)
-    feats = extract(enc, open_images(args.data), img=args.img, batch_size=args.batch, device=_device(args),
+    if args.img % enc.patch_size:
+        raise ConfigError(f"--img {args.img}: not a multiple of the encoder's patch size {enc.patch_size}")
+    feats = extract(enc, images, img=args.img, batch_size=args.batch, device=_device(args),
                     tokens=args.tokens, num_workers=args.workers)
+    if len(feats) == 0:
+        raise DataError(f"none of the {len(images)} images of {args.data} could be decoded (all unusable, e.g. "
+                        f"{feats.meta['skipped'][0] if feats.meta['skipped'] else '?'}): nothing written")
     feats.meta.update({"checkpoint": str(args.checkpoint), "which": args.which})
     out = save(feats, args.out)
     skipped = feats.meta["skipped"]
@@ -151,15 +271,25 @@ def _features(args, which: str, tokens: bool, classes=None):
     from .data import open_images
     from .eval import extract, load
 
-    path = Path(getattr(args, which) or Path(args.data) / which)
+    given = getattr(args, which)
+    if not given and not args.data:
+        raise ConfigError(f"probe needs --{which} (features or an image folder) or --data DIR holding {which}/")
+    path = Path(given or Path(args.data) / which)
+    if not path.exists():
+        raise DataError(f"{path} does not exist: give a features file (from extract) or an image folder")
     if path.is_file():
         feats = load(path)
     else:
         if not args.checkpoint:
             raise DataError(f"{path} is a folder: pass --checkpoint to extract its features")
+        images = open_images(path)
         enc = _encoder(args)
-        feats = extract(enc, open_images(path), img=args.img, batch_size=args.batch, device=_device(args),
+        if args.img % enc.patch_size:
+            raise ConfigError(f"--img {args.img}: not a multiple of the encoder's patch size {enc.patch_size}")
+        feats = extract(enc, images, img=args.img, batch_size=args.batch, device=_device(args),
                         tokens=tokens, num_workers=args.workers)
+        if len(feats) == 0:
+            raise DataError(f"none of the images of {path} could be decoded")
     if tokens and feats.tokens is None:
         raise DataError(f"the attentive probe needs patch tokens: extract {path} with --tokens")
     if classes is not None and feats.meta.get("classes"):  # the same class names -> the same label numbers
@@ -178,11 +308,27 @@ def cmd_probe(args) -> int:
     from .eval import attentive_probe, knn_probe, linear_probe, lowshot
 
     tokens = args.kind == "attentive"
+    _encoder_args_check(args)
+    _positive(args.epochs, "--epochs")
+    _positive(args.k, "--k")
+    _positive(args.per_class, "--per-class")
+    if args.percent is not None and not 0 < args.percent <= 100:
+        raise ConfigError(f"--percent {args.percent}: must be in (0, 100]")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if args.kind == "lowshot" and args.per_class is None and args.percent is None:
+        raise ConfigError("lowshot needs --per-class N or --percent P")
     train = _features(args, "train", tokens)
     val = _features(args, "val", tokens, train.meta.get("classes") or None)
     if (train.labels < 0).any() or (val.labels < 0).any():
         raise DataError("probes need labels: use folders with one sub-folder per class (ImageNet layout)")
     _check_compatible(train, val, tokens)
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(f"the {'train' if len(train) == 0 else 'val'} features hold no image")
+    if args.kind == "knn" and args.k > len(train):
+        raise ConfigError(f"--k {args.k}: more neighbours than the {len(train)} training features")
     if args.kind == "linear":
         res = linear_probe(train.features, train.labels, val.features, val.labels, epochs=args.epochs)
     elif args.kind == "knn":
@@ -190,9 +336,6 @@ def cmd_probe(args) -> int:
     elif args.kind == "attentive":
         res = attentive_probe(train.tokens, train.labels, val.tokens, val.labels)
     else:
-        if args.per_class is None and args.percent is None:
-            raise ConfigError("lowshot needs --per-class N or --percent P")
-        seeds = tuple(int(s) for s in args.seeds.split(","))
         res = lowshot(train.features, train.labels, val.features, val.labels, args.per_class, args.percent, seeds,
                       epochs=args.epochs)
     res.update({"train_images": len(train), "val_images": len(val)})
@@ -235,25 +378,34 @@ def _rounded(x):
 def cmd_shard(args) -> int:
     from .data.shards import run_command
 
+    _positive(args.max_images, "--max-images")
     return run_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="ijepa-fast", description="I-JEPA pretraining engine.")
+    p = argparse.ArgumentParser(prog="ijepa-fast", description="I-JEPA pretraining engine.", epilog=EXIT_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"ijepa-fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (with no CONFIG: the built-in CPU demo)",
                        description="Train from CONFIG (a YAML path or built-in name; default: demo_cpu) with "
-                                   "section.key=value overrides, e.g. optim.lr=5e-4 data.batch_size=64.")
+                                   "section.key=value overrides, e.g. optim.lr=5e-4 data.batch_size=64. A run "
+                                   "folder that holds a run is continued; starting it over or rewinding it needs "
+                                   "--force. The first Ctrl-C finishes the step, checkpoints and exits 130; SIGTERM "
+                                   "exits 143 and SIGUSR1 138, also with a checkpoint.",
+                       epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("args", nargs="*", metavar="CONFIG | key=value",
                    help="a YAML file or built-in config (default demo_cpu), then section.key=value overrides")
     t.add_argument("--data", metavar="DIR", help="train on an image folder (ImageNet layout or flat)")
     t.add_argument("--run-dir", metavar="DIR", help="run folder (resumes from its latest checkpoint if any)")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     t.add_argument("--steps", type=int, help="stop after this many steps")
+    t.add_argument("--force", action="store_true",
+                   help="start over in (or rewind) a run folder that holds a run: its files move to "
+                        "<run>/previous-<time>/, nothing is deleted")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("config", help="print the resolved config, list built-in configs or describe every option")
@@ -274,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the EMA target encoder (the paper's choice, default) or the context encoder (the one the "
                         "public timm / transformers conversions take)")
     e.add_argument("--num-heads", type=int, help="head count, only for published checkpoints of a non-standard width")
+    e.add_argument("--force", action="store_true", help="replace OUT if it exists")
     e.set_defaults(func=cmd_export)
 
     im = sub.add_parser("import", help="a timm or transformers I-JEPA encoder as a checkpoint (fresh predictor)")
@@ -286,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--pred-dim", type=int, default=384, help="width of the fresh predictor (model.pred_dim)")
     im.add_argument("--pred-heads", type=int, help="heads of the fresh predictor (default: the encoder's)")
     im.add_argument("--seed", type=int, default=0, help="seed of the predictor's initialisation")
+    im.add_argument("--force", action="store_true", help="replace OUT if it exists")
     im.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bench", help="time the training step: images/s, tokens/s, TFLOP/s, MFU, memory, GPU-hours",
@@ -326,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", required=True, metavar="DIR", help="an image folder (class sub-folders or flat)")
     x.add_argument("--tokens", action="store_true", help="also keep every patch token")
     x.add_argument("--out", default="features.safetensors", help=".safetensors or .npy (with _labels.npy beside)")
+    x.add_argument("--force", action="store_true", help="replace the --out file(s) if they exist")
     encoder_args(x)
     x.set_defaults(func=cmd_extract)
 
@@ -356,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--size", default="1GB", help="largest shard, e.g. 500MB, 1GB, 2GiB (default 1GB)")
     sh.add_argument("--max-images", type=int, help="only the first N images of the folder's order")
     sh.add_argument("--seed", type=int, default=0, help="seed of the order the samples are stored in")
+    sh.add_argument("--force", action="store_true", help="write into OUT even if it holds files (earlier shards "
+                    "there are replaced)")
     sh.set_defaults(func=cmd_shard)
     return p
 
@@ -374,13 +531,52 @@ def main(argv=None) -> int:
         return args.func(args)
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
+    except MachineError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_MACHINE
     except IJEPAFastError as e:  # a user error: one line that says what to change
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted at once (a second Ctrl-C, or one during set-up): the steps since the last checkpoint are "
+              "lost" if args.command == "train" else "interrupted (Ctrl-C): no output was written", file=sys.stderr)
+        return EXIT_SIGNAL["SIGINT"]
+    except OSError as e:  # the machine's file system, said plainly
+        code, text = _os_error(e)
+        print(f"error: {text}", file=sys.stderr)
+        return code
+    except MemoryError:
+        print("error: out of memory: lower the batch size or the image size", file=sys.stderr)
+        return EXIT_MACHINE
+    except Exception as e:  # not foreseen: still one line; IJEPA_FAST_DEBUG=1 shows the traceback
+        if os.environ.get("IJEPA_FAST_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (run with IJEPA_FAST_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_MACHINE
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line; an error re-raised from a data-loader worker keeps only its own message."""
+    text = str(e)
+    if "Original Traceback" in text:  # torch's wrapper: "Caught X in DataLoader worker ... Traceback ... X: msg"
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(type(e).__name__) else last
+    return " ".join(text.split()) or type(e).__name__
+
+
+def _os_error(e: OSError) -> tuple[int, str]:
+    """(exit status, message) of an OSError: a full disk or an I/O error is the machine's (1), a path
+    that cannot be read or written the user's (2)."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return EXIT_MACHINE, f"the disk is full{where}: free some space and run again"
+    if e.errno == errno.EIO:
+        return EXIT_MACHINE, f"an input/output error of the disk{where}"
+    return EXIT_USER, f"{e.strerror or _one_line(e)}{where}"
 
 
 if __name__ == "__main__":

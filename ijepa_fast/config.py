@@ -150,9 +150,16 @@ def read_yaml(path: Path, _seen=()) -> dict:
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file in UTF-8 (byte {e.start} is {e.object[e.start]:#04x}); save "
+                          f"the config as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the config {path} ({e.strerror or e})") from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     if is_reference_config(data):
@@ -164,6 +171,27 @@ def read_yaml(path: Path, _seen=()) -> dict:
     merged = read_yaml(base_path, _seen + (path,))
     _deep_update(merged, data)
     return merged
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice (line {key_node.start_mark.line + 1}): keep one",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _deep_update(dst: dict, src: dict) -> None:

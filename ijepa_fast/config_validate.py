@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 
 from .errors import ConfigError
 from .models.vit import VIT_SIZES
@@ -38,6 +40,11 @@ def validate(cfg) -> None:
     _model(cfg.model, cfg.data)
     _data(cfg.data, cfg.model)
     _mask(cfg.mask)
+    patches = (cfg.data.crop_size // cfg.model.patch_size) ** 2
+    _need(cfg.mask.num_targets <= patches, "mask.num_targets",
+          f"{cfg.mask.num_targets} target blocks cannot fit a grid of {patches} patches (the reference uses 4)")
+    _need(cfg.mask.num_context <= patches, "mask.num_context",
+          f"{cfg.mask.num_context} context blocks cannot fit a grid of {patches} patches (the reference uses 1)")
     _optim(cfg.optim, cfg.data)
     _run(cfg.run)
     _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.bf16_weights is True), "perf.bf16_weights",
@@ -61,6 +68,8 @@ def _model(m, d) -> None:
         _need(m.num_heads >= 1 and m.embed_dim % m.num_heads == 0, "model.num_heads",
               f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}")
         _need(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
+        _need(int(m.embed_dim * m.mlp_ratio) >= 1, "model.mlp_ratio",
+              f"{m.mlp_ratio} x model.embed_dim={m.embed_dim} leaves the MLP no hidden unit (standard ViTs use 4)")
         heads = m.num_heads
     else:
         heads = VIT_SIZES[m.name].heads
@@ -97,6 +106,13 @@ def _optim(o, d) -> None:
     _need(o.start_lr >= 0, "optim.start_lr", f"must be 0 or more, got {o.start_lr}")
     _need(o.final_lr >= 0, "optim.final_lr", f"must be 0 or more, got {o.final_lr}")
     _need(o.warmup >= 0, "optim.warmup", f"must be 0 or more epochs, got {o.warmup}")
+    _need(o.warmup <= o.epochs, "optim.warmup",
+          f"{o.warmup} epochs of warm-up is longer than the run's optim.epochs={o.epochs}: the peak optim.lr would "
+          f"never be reached")
+    for key in ("lr", "start_lr", "final_lr"):
+        value = getattr(o, key)
+        _need(value <= 1, f"optim.{key}", f"{value} is far above any learning rate AdamW trains a ViT with "
+              f"(the reference's peak is 1e-3)")
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be 0 or more, got {o.weight_decay}")
     _need(o.final_weight_decay >= 0, "optim.final_weight_decay", f"must be 0 or more, got {o.final_weight_decay}")
     _need(o.ipe_scale > 0, "optim.ipe_scale", f"must be positive, got {o.ipe_scale}")
@@ -109,7 +125,12 @@ def _optim(o, d) -> None:
           f"must divide data.batch_size={d.batch_size}")
 
 
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
 def _run(r) -> None:
+    _need(bool(DEVICE.fullmatch(r.device)), "run.device",
+          f"{r.device!r} is not a device: use auto, cpu, cuda or cuda:N")
     _need(r.log_every >= 1, "run.log_every", f"must be at least 1, got {r.log_every}")
     _need(r.max_steps is None or r.max_steps >= 1, "run.max_steps", f"must be at least 1 or null, got {r.max_steps}")
     _need(r.threads is None or r.threads >= 1, "run.threads", f"must be at least 1 or null, got {r.threads}")
@@ -123,3 +144,24 @@ def _run(r) -> None:
     _need(len(set(r.loggers)) == len(r.loggers), "run.loggers", f"names a logger twice: {list(r.loggers)}")
     _need(bool(r.wandb_project), "run.wandb_project", "must be a non-empty project name")
     _need(bool(r.tag) and "/" not in r.tag, "run.tag", f"must be a non-empty file-name prefix, got {r.tag!r}")
+
+
+def config_warnings(cfg) -> list[str]:
+    """Values that are legal but probably not meant, each as a line naming the key and why."""
+    out = []
+    o, r = cfg.optim, cfg.run
+    if o.start_lr > o.lr:
+        out.append(f"optim.start_lr={o.start_lr} is above optim.lr={o.lr}: the warm-up lowers the learning rate")
+    if o.final_lr > o.lr:
+        out.append(f"optim.final_lr={o.final_lr} is above optim.lr={o.lr}: the schedule ends higher than its peak")
+    cpus = os.cpu_count() or 1
+    if r.threads and r.threads > cpus:
+        out.append(f"run.threads={r.threads} exceeds the {cpus} CPUs of this machine: the threads will compete for "
+                   f"them (leave run.threads null for torch's default)")
+    if cfg.model.name == "custom" and cfg.model.mlp_ratio < 1:
+        out.append(f"model.mlp_ratio={cfg.model.mlp_ratio} makes the MLP narrower than the model (standard ViTs "
+                   f"use 4)")
+    if cfg.mask.num_targets > 16:
+        out.append(f"mask.num_targets={cfg.mask.num_targets}: the predictor runs once per target block, so a step "
+                   f"costs about {cfg.mask.num_targets / 4:.0f} times the reference's 4")
+    return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -184,10 +185,12 @@ def wrap(model, strategy: str, device: torch.device, static_graph: bool = True):
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 (preemption notices) set a flag; the trainer checkpoints and exits at the
-    end of the current step."""
+    """SIGTERM / SIGUSR1 (preemption notices) and a first SIGINT (Ctrl-C) set a flag; the trainer
+    finishes the current step, checkpoints and exits. A second SIGINT stops at once
+    (KeyboardInterrupt)."""
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
+                                getattr(signal, "SIGINT", None)) if s)
 
     def __init__(self):
         self.received = None
@@ -202,7 +205,15 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            if self.received == "SIGINT":  # the second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            print("\nCtrl-C: stopping after this step with a checkpoint (press Ctrl-C again to stop at once, "
+                  "losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+        if self.received is None or name == "SIGINT":
+            self.received = name
 
     def __exit__(self, *exc):
         for s, old in self._old.items():

@@ -1,8 +1,8 @@
 """Every error the engine raises on purpose, in one place.
 
 Each message says what is wrong and what to change; the ``ijepa-fast`` command prints it as one
-line (no traceback) and exits with status 2 (3 for ``TrainingStopped``). Library users can catch
-``IJEPAFastError`` for all of them.
+line (no traceback) and exits with status 2 (1 for ``MachineError``, 3 for ``TrainingStopped``).
+Library users can catch ``IJEPAFastError`` for all of them.
 """
 from __future__ import annotations
 
@@ -33,3 +33,11 @@ class RunFolderError(IJEPAFastError, OSError):
 
 class TrainingStopped(IJEPAFastError, RuntimeError):
     """The run stopped on purpose (a non-finite loss or gradient); the last good checkpoint is intact."""
+
+
+class RunFolderBusy(RunFolderError):
+    """Another process holds the run folder's lock; the message names it."""
+
+
+class MachineError(IJEPAFastError, OSError):
+    """A failure of the machine rather than of the input (a full disk, an I/O error); exit status 1."""

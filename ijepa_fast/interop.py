@@ -41,8 +41,9 @@ from .checkpoint import (
     read_checkpoint,
     strip_prefix,
     write_atomic,
+    write_error,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, MachineError
 from .runlog import log
 
 FORMATS = ("safetensors", "timm", "hf")
@@ -107,9 +108,10 @@ def write_folder(out, files: dict) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file: the timm and hf formats write a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         for name, content in files.items():
             if isinstance(content, tuple):
                 tensors, meta = content
@@ -123,10 +125,13 @@ def write_folder(out, files: dict) -> Path:
         else:
             for name in files:
                 os.replace(tmp / name, out / name)
+    except (CheckpointError, MachineError):
+        raise
     except OSError as e:
-        raise CheckpointError(f"could not write {out}: {e.strerror or e}") from None
+        raise write_error(out, e) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

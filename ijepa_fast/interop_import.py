@@ -35,12 +35,19 @@ def read_weights(path) -> dict:
     """A state dict from a .safetensors file or a torch file (tensors only), sharded index included."""
     path = Path(path)
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"cannot read the shard index {path} ({type(e).__name__}: {e})") from None
         return {k: v for s in shards for k, v in read_weights(path.parent / s).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # torn, empty or not safetensors at all
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+            raise CheckpointError(f"cannot read {path}: not a safetensors file ({why})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -95,3 +96,86 @@ def record_config(run_dir: Path, config: dict, *, resumed: bool, before: dict | 
         with open(run_dir / "config_history.yaml", "a") as f:
             f.write("---\n" + yaml.safe_dump(entry, sort_keys=False))
     return sorted(k for k in changes if k not in RUNTIME_KEYS)
+
+
+# -- history: a folder that holds a run is continued, never silently restarted or rewound
+
+def _step_of(name: str) -> int | None:
+    m = re.search(r"-step(\d+)\.(pth\.tar|dcp)$", name)
+    return int(m.group(1)) if m else None
+
+
+def held_run(run_dir: Path) -> dict | None:
+    """What a run folder holds of an earlier run: {"tags": checkpoint tags, "step": its newest step
+    (from the checkpoint names, else the metric rows)}, or None when it holds none."""
+    from .runlog import read_metrics
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    ckpts = [p for p in run_dir.iterdir() if re.search(r"-(latest|step\d+|ep\d+)\.(pth\.tar|dcp)$", p.name)]
+    tags = sorted({re.sub(r"-(latest|step\d+|ep\d+)\.(pth\.tar|dcp)$", "", p.name) for p in ckpts})
+    steps = [s for s in (_step_of(p.name) for p in ckpts) if s is not None]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not tags and not rows:
+        return None
+    step = max(steps) if steps else max((r.get("step", 0) for r in rows), default=0)
+    return {"tags": tags, "step": step}
+
+
+def check_history(run_dir: Path, tag: str, resume: str | None, loaded: Path | None, step: int,
+                  force: bool) -> str | None:
+    """Whether this start keeps the run folder's history: None (a new folder, or the run continued),
+    "move" (start over: the old files go to ``previous-<time>/``) or "rewind" (continue from an older
+    checkpoint of the same run). The last two need ``force``; without it a RunFolderError says how out."""
+    held = held_run(run_dir)
+    if held is None:
+        return None
+    way_out = (f"pass --force to start over (the old files are moved to {run_dir}/previous-<time>/, nothing is "
+               f"deleted) or give a new --run-dir")
+    if loaded is None:
+        if force:
+            return "move"
+        if resume is None:
+            why = "run.resume=null would start it over"
+        elif tag not in held["tags"]:
+            why = (f"it has no checkpoint tagged {tag!r} (its checkpoints are tagged "
+                   f"{', '.join(map(repr, held['tags'])) or 'nothing'}), so run.tag={tag} would start it over")
+        else:
+            why = "this would start it over"
+        raise RunFolderError(f"the run folder {run_dir} already holds a run (at step {held['step']}): {why}; {way_out}")
+    inside = Path(loaded).resolve().parent == Path(run_dir).resolve()
+    if not inside:
+        if force:
+            return "move"
+        raise RunFolderError(f"the run folder {run_dir} already holds a run (at step {held['step']}): continuing "
+                             f"{loaded} there would mix two runs; {way_out}")
+    if step < held["step"]:
+        if force:
+            return "rewind"
+        raise RunFolderError(f"{loaded} is at step {step} but the run in {run_dir} is at step {held['step']}: "
+                             f"rewinding needs --force (the metric rows past step {step} are kept in a side file), "
+                             f"or give a new --run-dir")
+    return None
+
+
+def move_aside(run_dir: Path, after_step: int | None = None) -> Path:
+    """Move every file of the run folder (but the lock and earlier ``previous-*`` folders) into
+    ``previous-<time>/``, or with ``after_step`` only the step checkpoints past that step (a rewind);
+    returns that folder."""
+    from .run_lock import LOCK
+
+    run_dir = Path(run_dir)
+    dest = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    dest.mkdir()
+    for p in sorted(run_dir.iterdir()):
+        if p.name == LOCK or p.name.startswith("previous-") or p == dest:
+            continue
+        if after_step is not None and (_step_of(p.name) is None or _step_of(p.name) <= after_step):
+            continue
+        os.replace(p, dest / p.name)
+    return dest

@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,14 +58,29 @@ def close_logging() -> None:
 
 
 class MetricsWriter:
-    """Appends one row per logged step to metrics.jsonl and metrics.csv (resume-safe: rows at or
-    after the resume step are dropped first, so a resumed run's log has no duplicates)."""
+    """Appends one row per logged step to metrics.jsonl and metrics.csv. Resume-safe and lossless:
+    rows past the resume step (logged after the checkpoint, or a rewound run's) are moved to
+    ``metrics-after-step<N>-<time>.jsonl`` and a torn last line (a kill mid-write) to
+    ``metrics-torn-<time>.jsonl``, each with a warning, so the log has no duplicates and loses nothing."""
 
     def __init__(self, run_dir: Path, start_step: int = 0):
         self.jsonl = Path(run_dir) / "metrics.jsonl"
         self.csv = Path(run_dir) / "metrics.csv"
-        rows = [r for r in read_metrics(self.jsonl) if r["step"] <= start_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        kept, later, torn = _split_lines(self.jsonl, start_step)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if later:
+            side = self.jsonl.with_name(f"metrics-after-step{start_step}-{stamp}.jsonl")
+            _write_text(side, "".join(line + "\n" for line in later))
+            log.warning(f"metrics.jsonl had {len(later)} row(s) past step {start_step}, where this run continues: "
+                        f"kept in {side.name}")
+        if torn:
+            side = self.jsonl.with_name(f"metrics-torn-{stamp}.jsonl")
+            _write_text(side, "".join(line + "\n" for line in torn))
+            log.warning(f"metrics.jsonl ended in {len(torn)} line(s) that do not parse (a write cut short): moved to "
+                        f"{side.name}")
+        if later or torn or not self.jsonl.exists():
+            _write_text(self.jsonl, "".join(line + "\n" for line in kept))
+        rows = [json.loads(line) for line in kept]
         with open(self.csv, "w", newline="") as f:
             w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
             w.writeheader()
@@ -77,11 +93,46 @@ class MetricsWriter:
             csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow(row)
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def _split_lines(path: Path, start_step: int) -> tuple[list[str], list[str], list[str]]:
+    """The lines of metrics.jsonl: (rows up to ``start_step``, rows past it, lines that do not parse)."""
+    if not path.exists():
+        return [], [], []
+    kept, later, torn = [], [], []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        row = _row(line)
+        if row is None:
+            torn.append(line)
+        elif row["step"] <= start_step:
+            kept.append(line)
+        else:
+            later.append(line)
+    return kept, later, torn
+
+
 def read_metrics(path) -> list[dict]:
+    """The rows of a metrics.jsonl (lines that do not parse, such as a torn last line, are left out)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in (_row(line) for line in path.read_text(errors="replace").splitlines() if line.strip())
+            if r is not None]
 
 
 class Progress:

@@ -4,7 +4,7 @@
 resolved config), ``train.log``, ``metrics.jsonl`` / ``metrics.csv``, ``loss.png`` and the
 checkpoints (see ``train_state``). It runs as one process, or as one of many under ``torchrun``
 or ``srun`` (see ``distributed``). It resumes from the run folder's newest checkpoint, checkpoints
-and exits cleanly on SIGTERM / SIGUSR1, and stops on a non-finite loss before anything is updated.
+and exits cleanly on SIGTERM / SIGUSR1 / a first Ctrl-C, and stops on a non-finite loss before anything is updated.
 """
 from __future__ import annotations
 
@@ -22,13 +22,23 @@ from . import __version__, distributed
 from ._compat import keyword_only
 from .checkpoint import training_checkpoint
 from .config import Config
+from .config_validate import config_warnings
 from .data import build_loader, build_source
 from .engine import Engine
-from .errors import DataError, TrainingStopped
+from .errors import ConfigError, DataError, TrainingStopped
 from .loggers import check_available, open_loggers
 from .masks import MultiBlockSampler
 from .monitor import CollapseMonitor
-from .run_folder import check_room, checkpoint_bytes, make_run_dir, record_config, remove_if_created
+from .run_folder import (
+    check_history,
+    check_room,
+    checkpoint_bytes,
+    make_run_dir,
+    move_aside,
+    record_config,
+    remove_if_created,
+)
+from .run_lock import RunLock
 from .runlog import Progress, close_logging, log, open_file_log, plot_metrics, setup_logging
 from .schedules import Schedules
 from .step import read_results
@@ -46,13 +56,17 @@ MAX_SKIPPED_IN_A_ROW = 10
 class Trainer:
     @keyword_only(3, ("source", "env"))
     def __init__(self, cfg: Config, config_name: str = "run", *, source=None, env: distributed.DistEnv | None = None,
-                 resume_command: str | None = None):
+                 resume_command: str | None = None, force: bool = False):
         """``source``: an image source to train on instead of the one ``cfg.data`` names (anything
         with ``__len__``, ``load(i)`` -> RGB PIL image or None, ``name(i)`` and optional ``labels``).
         ``env``: the process's place among several (default: read from the launcher's variables).
-        ``resume_command``: the command line that continues this run, for messages (the CLI's)."""
+        ``resume_command``: the command line that continues this run, for messages (the CLI's).
+        ``force``: start over in (or rewind) a run folder that holds a run (see ``run_folder.check_history``).
+        ``stopped_by`` is set to the signal's name when a signal stops the run."""
         self.cfg = cfg
         self.resume_command = resume_command
+        self.stopped_by = None
+        self.lock = None
         check_available(cfg.run.loggers)  # a chosen logger that is not installed: an error before any work
         self._setup_process(env)
         self._setup_run_folder(config_name)
@@ -64,11 +78,19 @@ class Trainer:
             self.step = 0
             self._skips = 0  # non-finite steps skipped in a row (optim.on_nonfinite=skip)
             before = self._maybe_resume()
+            history = check_history(self.run_dir, cfg.run.tag, cfg.run.resume, self.resumed_from, self.step,
+                                    force) if self.rank == 0 else None
         except BaseException:
             close_logging()
+            self.release()
             if self.rank == 0:
                 remove_if_created(self.run_dir, self._created_run_dir)
             raise
+        if history == "move":
+            log.warning(f"--force: the earlier run's files were moved to {move_aside(self.run_dir)}")
+        elif history == "rewind":
+            log.warning(f"--force: rewinding {self.run_dir} to step {self.step}; the later step checkpoints were "
+                        f"moved to {move_aside(self.run_dir, after_step=self.step)}")
         open_file_log(self.run_dir, self.rank)
         if self.rank == 0:
             changed = record_config(self.run_dir, self.cfg.to_dict(), resumed=before is not None,
@@ -99,6 +121,21 @@ class Trainer:
     def _setup_run_folder(self, config_name: str):
         self.run_dir, self._created_run_dir = make_run_dir(self.cfg, config_name)
         setup_logging(self.run_dir, self.rank, defer=True)  # train.log is written once set-up has succeeded
+        if self.rank == 0:
+            self.lock = RunLock(self.run_dir)
+            try:
+                self.lock.acquire()
+            except BaseException:
+                close_logging()
+                remove_if_created(self.run_dir, self._created_run_dir)
+                raise
+        for warning in config_warnings(self.cfg):
+            log.warning(warning)
+
+    def release(self) -> None:
+        """Give back the run folder's lock (at the end of the run; also done at exit)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _setup_data(self, source):
         """The image source, the global batch, the epoch length and the schedules."""
@@ -109,6 +146,11 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise DataError(f"{len(self.source)} images are fewer than one global batch of {self.global_batch}; "
                             f"lower data.batch_size")
+        span = int(c.optim.ipe_scale * c.optim.epochs * self.steps_per_epoch)
+        if span < 1:
+            raise ConfigError(f"optim.ipe_scale={c.optim.ipe_scale}: the schedules would span {span} steps "
+                              f"(optim.epochs={c.optim.epochs} x {self.steps_per_epoch} steps per epoch x ipe_scale); "
+                              f"raise optim.ipe_scale or optim.epochs")
         self.optim, self.lr_factor = scaled_optim(c, self.global_batch)
         self.schedules = Schedules.from_config(self.optim, self.steps_per_epoch)
 
@@ -133,6 +175,7 @@ class Trainer:
         """Load the checkpoint run.resume names (auto: this folder's newest readable one); returns its
         settings ({} for a published checkpoint), or None when the run starts fresh."""
         loaded = load_for_resume(self.ckpt, self.cfg.run.resume, self.model, self.optimizer, self.rank)
+        self.resumed_from = loaded[0] if loaded is not None else None
         if loaded is None:
             return None
         path, extra = loaded
@@ -176,7 +219,14 @@ class Trainer:
 
     # -- the loop
     def run(self) -> Path:
-        """Train to the end of the run (or ``run.max_steps``), checkpointing as configured; returns the run folder."""
+        """Train to the end of the run (or ``run.max_steps``), checkpointing as configured; returns the run
+        folder, whose lock is given back at the end."""
+        try:
+            return self._train_loop()
+        finally:
+            self.release()
+
+    def _train_loop(self) -> Path:
         c = self.cfg
         total = c.optim.epochs * self.steps_per_epoch
         stop = min(total, c.run.max_steps) if c.run.max_steps else total
@@ -266,12 +316,15 @@ class Trainer:
         """A preemption notice on any process: checkpoint (once) and say how to continue."""
         if loop.saved_at != self.step:
             self._save(loop, 50)
+        self.stopped_by = received or "a stop signal on another process"
         log.warning(f"{received or 'a stop signal on another process'}: checkpoint at step {self.step} written "
                     f"({self.ckpt.latest}); exiting. To resume: {self.resume_hint()}")
 
     def resume_hint(self) -> str:
         """The command that continues this run (in this run folder), for messages."""
         cmd = self.resume_command or "ijepa-fast train CONFIG [overrides]"
+        if "run.resume=" in cmd:  # the run continues from its own newest checkpoint (run.resume=auto)
+            cmd = " ".join(shlex.quote(a) for a in shlex.split(cmd) if not a.startswith("run.resume="))
         if "--run-dir" not in cmd and "run.dir=" not in cmd:
             cmd += f" --run-dir {shlex.quote(str(self.run_dir))}"
         if self.world > 1:
@@ -361,10 +414,21 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def train(cfg: Config, config_name: str = "run", *, source=None, resume_command: str | None = None) -> Path:
+def train(cfg: Config, config_name: str = "run", *, source=None, resume_command: str | None = None,
+          force: bool = False) -> Path:
     """Train as ``cfg`` says (on ``source`` if given) and return the run folder."""
-    trainer = Trainer(cfg, config_name, source=source, resume_command=resume_command)
+    return run_trainer(Trainer(cfg, config_name, source=source, resume_command=resume_command, force=force))
+
+
+def run_trainer(trainer: Trainer) -> Path:
+    """``trainer.run()``, then the run folder's lock given back and the process group closed."""
     try:
         return trainer.run()
+    except (ConfigError, DataError):  # the data failed before a checkpoint: a folder this command made goes again
+        if trainer.rank == 0:
+            close_logging()
+            remove_if_created(trainer.run_dir, trainer._created_run_dir)
+        raise
     finally:
+        trainer.release()
         distributed.shutdown()

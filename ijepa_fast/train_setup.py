@@ -17,9 +17,18 @@ def resolve_device(spec: str, env: distributed.DistEnv | None = None) -> torch.d
         if torch.cuda.is_available():
             return torch.device("cuda", (env.local_rank if env else 0) % torch.cuda.device_count())
         return torch.device("cpu")
-    dev = torch.device(spec)
+    from .errors import ConfigError
+
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"run.device={spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={spec} but CUDA is not available here; use run.device=cpu or auto")
+        raise ConfigError(f"run.device={spec}: CUDA is not available here; use run.device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={spec}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 ..)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"run.device={spec}: training runs on cpu or cuda")
     return dev
 
 

@@ -124,6 +124,11 @@ def load_for_resume(manager: CheckpointManager, spec: str | None, model, optimiz
         return None
     path = resolve(path)
     if is_sharded(path):
+        if not (path / ".metadata").is_file():
+            latest = sorted(path.glob("*-latest.pth.tar")) + sorted(path.glob("*-latest.dcp"))
+            hint = f"e.g. run.resume={latest[0]}, or --run-dir {path} to continue that run" if latest else \
+                "name a checkpoint file"
+            raise CheckpointError(f"run.resume={spec}: {path} is a folder, not a checkpoint; {hint}")
         return path, load_sharded(path, model, optimizer, rank)
     fall_back = spec == "auto"
     tried = []

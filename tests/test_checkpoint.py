@@ -101,7 +101,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device \\(the previous file is intact\\)"):
+    from ijepa_fast.errors import MachineError
+
+    with pytest.raises(MachineError, match="the disk is full; free some space and run again \\(the previous file is "
+                                           "intact\\)"):  # the machine's failure: exit status 1
         save_atomic({"encoder": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
     assert torch.equal(read_checkpoint(path)["encoder"]["w"], torch.ones(3))

@@ -198,7 +198,7 @@ def test_cli_extract_runs_at_the_checkpoint_resolution_and_probe_checks_its_inpu
     save(wide, b)
     expect_user_error(["probe", "knn", "--train", a, "--val", b], "train features are 32 wide but val features 64",
                       tmp_path)
-    run_cli("extract", run / "jepa-latest.pth.tar", "--data", data, "--out", b, "--img", "48")
+    run_cli("extract", run / "jepa-latest.pth.tar", "--data", data, "--out", b, "--img", "48", "--force")  # b exists
     p = run_cli("probe", "knn", "--train", a, "--val", b, "--k", "3")
     assert "extracted at 32 px and val features at 48 px" in p.stderr
     res = json.loads(p.stdout.splitlines()[-1])

@@ -49,3 +49,15 @@ def test_hub_named_sizes_check_the_checkpoint(tmp_path):
         hub("vit_base16", checkpoint=str(path))
     fresh = hub("vit_small16", img_size=32)  # no checkpoint: freshly initialised, nothing downloaded
     assert (fresh.embed_dim, len(fresh.blocks), fresh.patch_size) == (384, 12, 16)
+
+
+def test_hub_named_size_on_an_odd_width_says_which_entry_point_fits(tmp_path):
+    """A width no head count of the named size divides: a CheckpointError naming the 'encoder' entry point."""
+    model = IJEPA.build("custom", img_size=32, patch_size=8, pred_depth=1, pred_dim=16, embed_dim=40, depth=2,
+                        num_heads=4)
+    path = tmp_path / "odd.pth.tar"
+    torch.save({n: add_prefix(getattr(model, n).state_dict()) for n in ("encoder", "predictor", "target_encoder")},
+               path)
+    with pytest.raises(CheckpointError, match="does not hold a vit_base encoder with patch 16 .*'encoder' entry"):
+        hub("vit_base16", checkpoint=str(path))
+    assert hub("encoder", checkpoint=str(path), num_heads=4).embed_dim == 40

@@ -19,13 +19,13 @@ from ijepa_fast.errors import ConfigError, TrainingStopped
 from ijepa_fast.runlog import read_metrics
 
 
-def _train(cfg, run_dir, **run):
+def _train(cfg, run_dir, force=False, **run):
     from ijepa_fast.train import train
 
     cfg.run.dir = str(run_dir)
     for k, v in run.items():
         setattr(cfg.run, k, v)
-    return train(cfg)
+    return train(cfg, force=force)
 
 
 def _expected(rows) -> dict:
@@ -148,7 +148,8 @@ def test_loggers_tensorboard_resumed_run_replaces_the_events_after_its_checkpoin
     first = _tensorboard(run)
     assert sorted(first) == list(range(1, 9))
     tiny_cfg.optim.lr *= 3  # the resumed steps differ from the first run's
-    _train(tiny_cfg, run, loggers=["tensorboard"], max_steps=10, resume=str(run / "jepa-step00000004.pth.tar"))
+    _train(tiny_cfg, run, force=True, loggers=["tensorboard"], max_steps=10,  # a rewind: force
+           resume=str(run / "jepa-step00000004.pth.tar"))
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 11))
     got = _tensorboard(run)

@@ -30,7 +30,10 @@ def scan_folder(root) -> tuple[list[str], list[int], list[str]]:
         raise DataError(f"data folder {root} does not exist (set data.path or pass --data DIR)")
     if not root.is_dir():
         raise DataError(f"data.path {root} is not a folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        classes = sorted(d.name for d in root.iterdir() if _is_dir(d) and not d.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"cannot read the data folder {root} ({e.strerror or e})") from None
     files, labels = [], []
     for f in _images_in(root, recursive=False):
         files.append(f)
@@ -46,16 +49,37 @@ def scan_folder(root) -> tuple[list[str], list[int], list[str]]:
     return files, labels, classes if labels[0] != -1 else []
 
 
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError:  # a symlink loop, a broken mount
+        return False
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:
+        return False
+
+
 def _images_in(folder: Path, recursive: bool) -> list[str]:
     out = []
     if recursive:
+        seen = set()  # folders already walked (real paths): a symlink loop is walked once, not forever
         for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                 and os.path.realpath(os.path.join(dirpath, d)) not in seen)
             out += [os.path.join(dirpath, f) for f in sorted(filenames)
                     if f.lower().endswith(EXTENSIONS) and not f.startswith(".")]
     else:
         out = [str(p) for p in sorted(folder.iterdir())
-               if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")]
+               if _is_file(p) and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".")]
     return out
 
 

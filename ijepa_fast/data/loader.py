@@ -107,6 +107,13 @@ def _identity(x):
     return x
 
 
+def _ignore_interrupt(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the main process (which finishes the step and checkpoints)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(source, transform, sampler, batch_size: int, start: int, stop: int, *, seed: int = 0,
                 rank: int = 0, world: int = 1, num_workers: int = 0, pin_memory: bool = False):
     """A DataLoader over steps start .. stop-1, yielding one Batch per step, in order."""
@@ -114,4 +121,5 @@ def make_loader(source, transform, sampler, batch_size: int, start: int, stop: i
     builder = BatchBuilder(source, transform, sampler, seed)
     return torch.utils.data.DataLoader(
         builder, sampler=steps, batch_size=None, collate_fn=_identity, num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=False, prefetch_factor=2 if num_workers else None)
+        pin_memory=pin_memory, persistent_workers=False, prefetch_factor=2 if num_workers else None,
+        worker_init_fn=_ignore_interrupt if num_workers else None)

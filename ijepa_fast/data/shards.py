@@ -119,11 +119,14 @@ class _ShardWriter:
                 "sizes": self.sizes}
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, force: bool = False) -> None:
     try:
+        if out.exists() and not out.is_dir():
+            raise DataError(f"{out} is a file: write shards into a new or empty folder")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise DataError(f"{out} is not empty: write shards into a new or empty folder, or pass --force to "
+                            f"replace the shards there")
         out.mkdir(parents=True, exist_ok=True)
-        if any(out.iterdir()):
-            raise DataError(f"{out} is not empty: write shards into a new or empty folder")
         probe = out / ".write-check"
         probe.write_bytes(b"")
         probe.unlink()
@@ -132,11 +135,13 @@ def _check_out(out: Path) -> None:
 
 
 def write_shards(src, out, *, shard_bytes: int = 10**9, max_images: int | None = None, seed: int = 0,
-                 progress=None) -> dict:
+                 progress=None, force: bool = False) -> dict:
     """Write the images of folder ``src`` (the first ``max_images`` of its order, if given) as tar
     shards of at most ``shard_bytes`` (a single larger image gets a shard of its own) into ``out``,
     stored in an order shuffled with ``seed``; returns the index. ``progress(line)`` is called after
-    each shard."""
+    each shard. With ``force`` an earlier shard set in ``out`` is replaced (its index first, so a
+    failure in between leaves a folder that reads as an unfinished write). A failed write removes
+    the shards it had written."""
     import random
 
     src, out = Path(src), Path(out)
@@ -145,15 +150,23 @@ def write_shards(src, out, *, shard_bytes: int = 10**9, max_images: int | None =
         if max_images < 1:
             raise ConfigError(f"--max-images: must be at least 1, got {max_images}")
         files, labels = files[:max_images], labels[:max_images]
-    _check_out(out)
+    _check_out(out, force)
+    if force:
+        for old in [out / INDEX, *out.glob("shard-*.tar"), *out.glob("shard-*.idx")]:
+            old.unlink(missing_ok=True)
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)
     try:
         return _write(out, files, labels, classes, order, shard_bytes=shard_bytes, progress=progress, src=src,
                       seed=seed)
-    except OSError as e:
-        raise DataError(f"writing shards to {out} failed ({e.strerror or e}); the folder holds an unfinished "
-                        f"write (no {INDEX}): remove it and run again") from None
+    except BaseException as e:
+        for part in [*out.glob("shard-*.tar"), *out.glob("shard-*.idx"), *out.glob(INDEX + ".tmp")]:
+            part.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        from ..checkpoint import write_error
+
+        raise write_error(out, e) from None
 
 
 def _write(out, files, labels, classes, order, *, shard_bytes, progress, src, seed) -> dict:
@@ -287,7 +300,7 @@ def run_command(args) -> int:
     print(f"writing the images of {args.folder} as shards of at most {_mb(size)} into {args.out}",
           file=sys.stderr, flush=True)
     index = write_shards(args.folder, args.out, shard_bytes=size, max_images=args.max_images, seed=args.seed,
-                         progress=main_progress)
+                         progress=main_progress, force=getattr(args, "force", False))
     bad = len(index["suspect"])
     print(f"{index['count']} images ({len(index['classes'])} classes) in {len(index['shards'])} shard(s), "
           f"{_mb(index['bytes'])} -> {Path(args.out) / INDEX}"

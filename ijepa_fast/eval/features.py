@@ -17,7 +17,7 @@ import torch
 from .._compat import keyword_only
 from ..checkpoint import write_atomic
 from ..data.transforms import pil_to_tensor
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 @dataclass
@@ -88,7 +88,7 @@ def extract(encoder, source, *, img: int = 224, batch_size: int = 64, device: st
     device = torch.device(device)
     encoder = encoder.to(device).eval()
     if img % encoder.patch_size:
-        raise ValueError(f"--img {img} is not a multiple of the encoder's patch size {encoder.patch_size}")
+        raise ConfigError(f"--img {img} is not a multiple of the encoder's patch size {encoder.patch_size}")
     loader = torch.utils.data.DataLoader(_EvalImages(source, EvalTransform(img)), batch_size=batch_size,
                                          num_workers=num_workers)
     pooled, toks, idx, bad = [], [], [], []
@@ -117,7 +117,6 @@ def save(feats: Features, path) -> Path:
     """.safetensors (features, labels, tokens; file names and meta in the header) or .npy (features;
     labels, file names and meta in sibling files)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**feats.meta, "files": feats.files}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -129,24 +128,50 @@ def save(feats: Features, path) -> Path:
     elif path.suffix == ".npy":
         import numpy as np
 
-        np.save(path, feats.features.numpy())
-        np.save(path.with_name(path.stem + "_labels.npy"), feats.labels.numpy())
+        def npy(array):
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.save(f, array)
+            return write
+
+        write_atomic(path, npy(feats.features.numpy()))
+        write_atomic(path.with_name(path.stem + "_labels.npy"), npy(feats.labels.numpy()))
         if feats.tokens is not None:
-            np.save(path.with_name(path.stem + "_tokens.npy"), feats.tokens.numpy())
-        path.with_name(path.stem + "_meta.json").write_text(json.dumps(meta))
+            write_atomic(path.with_name(path.stem + "_tokens.npy"), npy(feats.tokens.numpy()))
+        write_atomic(path.with_name(path.stem + "_meta.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     else:
         raise DataError(f"{path}: write features as .safetensors or .npy")
     return path
 
 
 def load(path) -> Features:
+    """Features written by ``save``; a file that is missing or not such a file is a DataError naming it."""
     path = Path(path)
+    if path.suffix not in (".safetensors", ".npy"):
+        raise DataError(f"{path}: features are .safetensors or .npy files (from ijepa-fast extract)")
+    try:
+        feats = _load(path)
+    except DataError:
+        raise
+    except Exception as e:  # a torn, foreign or empty file
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DataError(f"cannot read features from {path} ({why}): extract them again with ijepa-fast extract") \
+            from None
+    if feats.features.ndim != 2 or feats.labels.ndim != 1 or len(feats.labels) != len(feats.features):
+        raise DataError(f"{path} does not hold features as extract writes them (a [N, D] features and an [N] "
+                        f"labels tensor)")
+    return feats
+
+
+def _load(path: Path) -> Features:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata().get("meta", "{}"))
             tok = f.get_tensor("tokens") if "tokens" in f.keys() else None
+            if "features" not in f.keys() or "labels" not in f.keys():
+                raise DataError(f"{path} holds no features and labels (tensors {sorted(f.keys())[:5]})")
             return Features(f.get_tensor("features"), f.get_tensor("labels"), meta.pop("files", []), tok, meta)
     if path.suffix == ".npy":
         import numpy as np
