@@ -5,6 +5,7 @@
     ijepa-fast export CHECKPOINT OUT [--format safetensors|timm|hf --which target|encoder]   export an encoder
     ijepa-fast import SRC OUT.pth.tar [--format timm|hf]   a timm / transformers encoder as a checkpoint
     ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
+    ijepa-fast bench --report A.jsonl B.jsonl [--out NAME]   runs of several cards or commits compared
     ijepa-fast extract CHECKPOINT --data DIR [--img 224 --tokens --out F]   features of a frozen encoder
     ijepa-fast probe {linear,attentive,knn,lowshot} --train T --val V [--checkpoint C]   probe accuracy
     ijepa-fast shard DIR OUT [--size 1GB --max-images N --seed S]   an image folder as tar shards
@@ -102,9 +103,24 @@ def cmd_import(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.report:
+        return _bench_report(args)
     from .bench import run_command
 
     return run_command(args)
+
+
+def _bench_report(args) -> int:
+    """``bench --report A.jsonl B.jsonl ...``: runs of several cards or commits on one page and chart."""
+    from .bench_suite import merge_reports, write_report
+
+    rows = merge_reports(args.report)
+    if not rows:
+        raise ConfigError(f"--report: no rows in {', '.join(args.report)}")
+    paths = write_report(rows, args.out or "bench-report", title="Benchmark runs compared",
+                         command="ijepa-fast " + " ".join(args.argv))
+    print(f"{len(rows)} rows of {len({r['run'] for r in rows})} run(s) -> " + ", ".join(map(str, paths.values())))
+    return 0
 
 
 def _encoder(args):
@@ -306,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    b.add_argument("--out", help="also append the JSON lines to this file")
+    b.add_argument("--out", help="also append the JSON lines to this file (with --report: the files' name without "
+                                 "suffix; default bench-report)")
+    b.add_argument("--report", nargs="+", metavar="RUN.jsonl",
+                   help="time nothing: merge the JSON lines of runs on several cards or commits into one page and "
+                        "chart (.jsonl, .csv, .md, .png), side by side, with the released step's rows where present")
     b.set_defaults(func=cmd_bench)
 
     def encoder_args(q):
