@@ -19,6 +19,7 @@ import torch
 
 from . import __version__, distributed, perf
 from ._compat import keyword_only
+from .batching import batch_warning, plan_batch, with_plan
 from .checkpoint import training_checkpoint
 from .config import Config
 from .data import build_loader, build_source
@@ -50,7 +51,7 @@ class Trainer:
         with ``__len__``, ``load(i)`` -> RGB PIL image or None, ``name(i)`` and optional ``labels``).
         ``env``: the process's place among several (default: read from the launcher's variables).
         ``resume_command``: the command line that continues this run, for messages (the CLI's)."""
-        self.cfg = cfg
+        self.cfg = self.settings = cfg  # settings: as given; cfg: in per-process terms (batching.with_plan)
         self.resume_command = resume_command
         check_available(cfg.run.loggers)  # a chosen logger that is not installed: an error before any work
         self._setup_process(env)
@@ -84,6 +85,8 @@ class Trainer:
         c = self.cfg
         self.env = env or distributed.read_env()
         self.rank, self.world = self.env.rank, self.env.world
+        self.batch = plan_batch(c.data, c.optim, self.world)
+        self.cfg = c = with_plan(c, self.batch)
         self.device = resolve_device(c.run.device, self.env)
         if c.run.threads:
             torch.set_num_threads(c.run.threads)
@@ -103,11 +106,14 @@ class Trainer:
         """The image source, the global batch, the epoch length and the schedules."""
         c = self.cfg
         self.source = source if source is not None else build_source(c.data, c.run.seed)
-        self.global_batch = c.data.batch_size * self.world
+        self.global_batch = self.batch.global_batch
         self.steps_per_epoch = len(self.source) // self.global_batch
         if self.steps_per_epoch == 0:
             raise DataError(f"{len(self.source)} images are fewer than one global batch of {self.global_batch}; "
-                            f"lower data.batch_size")
+                            f"lower {'data.global_batch' if self.settings.data.global_batch else 'data.batch_size'}")
+        warning = batch_warning(self.batch, c.optim)
+        if warning:
+            log.warning(warning)
         self.optim, self.lr_factor = scaled_optim(c, self.global_batch)
         self.schedules = Schedules.from_config(self.optim, self.steps_per_epoch)
 
@@ -154,13 +160,13 @@ class Trainer:
     # -- checkpoints
     def train_state(self) -> dict:
         """What an exact resume needs besides the weights and the optimiser."""
-        c, m = self.cfg, self.model
+        m = self.model
         epoch = self.step // self.steps_per_epoch
         blocks = m.predictor.predictor_blocks
         return {"version": __version__, "step": self.step, "sampler": self.sampler.state_dict(),
                 "data": {"epoch": epoch, "batch": self.step % self.steps_per_epoch},
                 "global_batch": self.global_batch, "num_heads": m.encoder.num_heads,
-                "pred_heads": blocks[0].attn.num_heads if len(blocks) else None, "config": c.to_dict()}
+                "pred_heads": blocks[0].attn.num_heads if len(blocks) else None, "config": self.settings.to_dict()}
 
     def save(self, loss_avg: float) -> Path:
         self.sampler.step = self.step  # workers drew by step number; the next draw is this step's

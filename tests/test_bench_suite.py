@@ -63,6 +63,7 @@ def test_shipped_suite_lists_the_published_recipes(tmp_path):
     for e in entries:
         cfg = load_config(e.config, e.overrides)
         assert cfg.data.batch_size == PUBLISHED_BATCH[cfg.model.name]  # each at its recipe's per-GPU batch
+        assert cfg.data.global_batch == 2048
         assert e.step == "ijepa-fast"
     (tmp_path / ".bench_ref").mkdir()
     (tmp_path / ".bench_ref" / "reference_step.py").write_text("")

@@ -23,6 +23,7 @@ def test_config_defaults_are_the_vith14_recipe():
 def test_config_published_recipes(name, model, patch, crop, batch, epochs, warmup, pred_depth):
     c = load_config(name)
     assert (c.model.name, c.model.patch_size, c.data.crop_size, c.data.batch_size) == (model, patch, crop, batch)
+    assert c.data.global_batch == c.optim.base_batch == 2048  # the recipe's batch on any number of GPUs
     assert (c.optim.epochs, c.optim.warmup, c.model.pred_depth) == (epochs, warmup, pred_depth)
     assert (c.optim.weight_decay, c.optim.final_weight_decay) == (0.04, 0.4)
     assert c.mask.mode == "reference" and c.mask.min_keep == 10  # the released sampler
@@ -42,7 +43,7 @@ def test_config_in1k_size_recipes(name, model, pred_depth, pred_dim, per_gpu, gp
     o = c.optim
     assert (o.epochs, o.warmup, o.start_lr, o.lr, o.final_lr) == (600, 15, 2e-4, 8e-4, 1e-4)
     assert (c.optim.weight_decay, c.optim.final_weight_decay, c.optim.ema) == (0.04, 0.4, (0.996, 1.0))
-    assert c.data.batch_size == per_gpu and per_gpu * gpus == c.optim.base_batch == 2048
+    assert c.data.batch_size == per_gpu and per_gpu * gpus == c.optim.base_batch == c.data.global_batch == 2048
     assert c.mask.mode == "reference" and c.data.hflip is False and c.optim.lr_scaling == "none"
     text = (config_dir() / f"{name}.yaml").read_text()
     assert f"global batch 2048 ({gpus} GPUs x {per_gpu})" in text.splitlines()[0]
