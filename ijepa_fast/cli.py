@@ -6,7 +6,7 @@
     ijepa-fast import SRC OUT.pth.tar [--format timm|hf]   a timm / transformers encoder as a checkpoint
     ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
     ijepa-fast bench --report A.jsonl B.jsonl [--out NAME]   runs of several cards or commits compared
-    ijepa-fast extract CHECKPOINT --data DIR [--img 224 --tokens --out F]   features of a frozen encoder
+    ijepa-fast extract CHECKPOINT --data DIR [--img 224 --layers 4 --tokens --out F]   features of a frozen encoder
     ijepa-fast probe {linear,attentive,knn,lowshot} --train T --val V [--checkpoint C]   probe accuracy
     ijepa-fast shard DIR OUT [--size 1GB --max-images N --seed S]   an image folder as tar shards
 
@@ -151,7 +151,7 @@ def cmd_extract(args) -> int:
         raise ConfigError(f"--out {args.out}: write features as .safetensors or .npy")
     enc = _encoder(args)
     feats = extract(enc, open_images(args.data), img=args.img, batch_size=args.batch, device=_device(args),
-                    tokens=args.tokens, num_workers=args.workers)
+                    tokens=args.tokens, num_workers=args.workers, layers=args.layers)
     feats.meta.update({"checkpoint": str(args.checkpoint), "which": args.which})
     out = save(feats, args.out)
     skipped = feats.meta["skipped"]
@@ -175,7 +175,7 @@ def _features(args, which: str, tokens: bool, classes=None):
             raise DataError(f"{path} is a folder: pass --checkpoint to extract its features")
         enc = _encoder(args)
         feats = extract(enc, open_images(path), img=args.img, batch_size=args.batch, device=_device(args),
-                        tokens=tokens, num_workers=args.workers)
+                        tokens=tokens, num_workers=args.workers, layers=args.layers)
     if tokens and feats.tokens is None:
         raise DataError(f"the attentive probe needs patch tokens: extract {path} with --tokens")
     if classes is not None and feats.meta.get("classes"):  # the same class names -> the same label numbers
@@ -229,8 +229,10 @@ def _check_compatible(train, val, tokens: bool) -> None:
     normally, the same resolution (a warning)."""
     a, b = (train.tokens, val.tokens) if tokens else (train.features, val.features)
     if a.shape[-1] != b.shape[-1]:
+        layers = (train.meta.get("layers", 1), val.meta.get("layers", 1))
         raise DataError(f"train features are {a.shape[-1]} wide but val features {b.shape[-1]}: extract both splits "
-                        f"with the same checkpoint")
+                        f"with the same checkpoint" + (f" and --layers (here {layers[0]} and {layers[1]})"
+                                                       if layers[0] != layers[1] else ""))
     ia, ib = train.meta.get("img"), val.meta.get("img")
     if ia and ib and ia != ib:
         print(f"warning: train features were extracted at {ia} px and val features at {ib} px; probe accuracy is "
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--img", type=int, help="resolution; default: the one the checkpoint was trained at (other "
                        "sizes interpolate the positional table)")
         q.add_argument("--batch", type=int, default=64, help="images per forward pass")
+        q.add_argument("--layers", type=int, default=1, metavar="N",
+                       help="features: the average-pooled outputs of the last N blocks, concatenated (N x the width; "
+                            "4 = the paper's linear probe protocol; default 1, the pooled output)")
         q.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
         q.add_argument("--device", help="cuda or cpu (default: cuda when present; bf16 there)")
 
