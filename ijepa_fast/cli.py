@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config)
 
     e = sub.add_parser("export", help="export an encoder of a checkpoint: safetensors, timm or transformers layout")
-    e.add_argument("checkpoint", help="a checkpoint: ours, a published one, or a sharded <tag>-latest.dcp")
+    e.add_argument("checkpoint", help="a checkpoint: ours, a published one, a sharded <tag>-latest.dcp or a Lightning "
+                                        ".ckpt of IJEPAModule")
     e.add_argument("out", help="the .safetensors file (format safetensors) or the folder (timm, hf) to write")
     e.add_argument("--format", default="safetensors", choices=("safetensors", "timm", "hf"),
                    help="one file with timm's key names; a timm folder (config.json, model.safetensors); a "
@@ -347,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("extract", help="features of a frozen encoder over an image folder",
                        description="Average-pooled features (optionally every patch token), with labels and file "
                                    "names, as .safetensors or .npy.")
-    x.add_argument("checkpoint", help="a checkpoint: ours, a published one, or a sharded <tag>-latest.dcp")
+    x.add_argument("checkpoint", help="a checkpoint: ours, a published one, a sharded <tag>-latest.dcp or a Lightning "
+                                        ".ckpt of IJEPAModule")
     x.add_argument("--data", required=True, metavar="DIR", help="an image folder (class sub-folders or flat)")
     x.add_argument("--tokens", action="store_true", help="also keep every patch token")
     x.add_argument("--out", default="features.safetensors", help=".safetensors or .npy (with _labels.npy beside)")
