@@ -1,7 +1,7 @@
 """The ``ijepa-fast`` command.
 
     ijepa-fast train [CONFIG] [section.key=value ...] [--data DIR]   train (no CONFIG: the CPU demo)
-    ijepa-fast config [CONFIG] [section.key=value ...] [--describe]  print the resolved config / every option
+    ijepa-fast config [CONFIG] [section.key=value ...] [--describe [NAME]]  the resolved config / what options mean
     ijepa-fast export CHECKPOINT OUT [--format safetensors|timm|hf --which target|encoder]   export an encoder
     ijepa-fast import SRC OUT.pth.tar [--format timm|hf]   a timm / transformers encoder as a checkpoint
     ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
@@ -72,15 +72,15 @@ def cmd_train(args) -> int:
 def cmd_config(args) -> int:
     import yaml
 
-    from .config import config_dir, describe
+    from .config import config_dir, describe, describe_option
 
     if args.list:
         for p in sorted(config_dir().glob("*.yaml")):
             first = p.read_text().splitlines()[0].lstrip("# ") if p.read_text() else ""
             print(f"{p.stem:28s} {first}")
         return 0
-    if args.describe:
-        print(describe())
+    if args.describe is not None:
+        print(describe_option(args.describe) if args.describe else describe())
         return 0
     cfg, _ = _load(args)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -277,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config, list built-in configs or describe every option")
     c.add_argument("args", nargs="*", metavar="CONFIG | key=value",
                    help="a YAML file or built-in config (default demo_cpu), then section.key=value overrides")
-    c.add_argument("--describe", action="store_true", help="every option with its default and meaning")
+    c.add_argument("--describe", nargs="?", const="", metavar="NAME",
+                   help="an option's default and meaning (NAME: a key such as optim.lr, or a section such as optim; "
+                        "without NAME: every option)")
     c.add_argument("--list", action="store_true", help="the built-in configs")
     c.add_argument("--data", metavar="DIR", help="as train --data: the image folder to train on")
     c.set_defaults(func=cmd_config)

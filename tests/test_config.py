@@ -174,3 +174,21 @@ def test_config_demo_runs_the_collapse_monitor_often_enough_to_compare():
     cfg = load_config("demo_cpu")
     steps = cfg.optim.epochs * (cfg.data.demo_images // cfg.data.batch_size)
     assert cfg.run.monitor_every > 0 and steps // cfg.run.monitor_every >= 4
+
+
+def test_config_describe_one_key_or_a_section(capsys):
+    from ijepa_fast.cli import main
+    from ijepa_fast.config import describe_option
+
+    assert main(["config", "--describe", "optim.lr"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].split()[:2] == ["optim.lr", "0.001"] and "peak LR" in out[0]
+    section = describe_option("data").splitlines()
+    assert [line.split()[0] for line in section] == ["data." + f for f in Config().data.__dataclass_fields__]
+    assert "data.global_batch" in describe_option("data.global_batch") and len(section) > 5
+    assert main(["config", "--describe", "optim.lrr"]) == 2
+    assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="a section: data, dist, mask, model, optim, perf, run"):
+        describe_option("nothing_like_it")
+    assert main(["config", "--describe"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(describe().splitlines())
