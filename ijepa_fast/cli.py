@@ -59,14 +59,38 @@ def _load(args) -> tuple[object, str]:
 
 
 def cmd_train(args) -> int:
+    import os
     import shlex
+    import time
 
-    from .train import train
+    from .run_folder import written_since
+    from .runlog import Heartbeat
 
-    cfg, name = _load(args)
-    run_dir = train(cfg, name, resume_command="ijepa-fast " + " ".join(shlex.quote(str(a)) for a in args.argv))
+    t0 = time.time()
+    first = os.environ.get("RANK", "0") == "0"
+    if first:  # before torch is imported: seconds on a busy machine
+        print("ijepa-fast train: setting up", file=sys.stderr, flush=True)
+    with Heartbeat(every=4.0, enabled=first) as beat:  # never silent for long: set-up, slow steps, the end
+        cfg, name = _load(args)
+        if not cfg.run.progress:
+            beat.stop()
+        from .train import train
+
+        run_dir = train(cfg, name, resume_command="ijepa-fast " + " ".join(shlex.quote(str(a)) for a in args.argv))
     print(f"run folder: {run_dir}")
+    files = written_since(run_dir, t0)
+    if files and first:
+        print(f"files written ({len(files)}):")
+        for rel, size in files:
+            print(f"  {rel:40s} {_size(size)}")
     return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
 
 
 def cmd_config(args) -> int:

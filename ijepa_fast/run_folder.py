@@ -95,3 +95,18 @@ def record_config(run_dir: Path, config: dict, *, resumed: bool, before: dict | 
         with open(run_dir / "config_history.yaml", "a") as f:
             f.write("---\n" + yaml.safe_dump(entry, sort_keys=False))
     return sorted(k for k in changes if k not in RUNTIME_KEYS)
+
+
+def written_since(run_dir, since: float) -> list[tuple[str, int]]:
+    """(path relative to ``run_dir``, bytes) of every file in it modified at or after ``since`` (a
+    ``time.time()``), sorted: what a command wrote into its run folder."""
+    run_dir = Path(run_dir)
+    out = []
+    for p in sorted(run_dir.rglob("*")):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file() and st.st_mtime >= since - 1:  # file-system timestamps can be a second coarse
+            out.append((str(p.relative_to(run_dir)), st.st_size))
+    return out
