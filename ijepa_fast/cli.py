@@ -136,7 +136,7 @@ def cmd_bench(args) -> int:
 
 def _bench_report(args) -> int:
     """``bench --report A.jsonl B.jsonl ...``: runs of several cards or commits on one page and chart."""
-    from .bench_suite import merge_reports, write_report
+    from .bench_compare import merge_reports, write_report
 
     rows = merge_reports(args.report)
     if not rows:
