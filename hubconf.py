@@ -4,11 +4,12 @@
     encoder = torch.hub.load("/path/to/ijepa-fast", "vit_huge14", source="local", checkpoint="vith14.pth.tar")
     features = encoder(images)                                   # [B, tokens, 1280]
 
-Every entry point takes ``checkpoint=PATH`` (one of ours or a published one; a sharded folder
-too) and ``which="target_encoder"`` (the encoder I-JEPA evaluates) or ``"encoder"`` (the context
-encoder). Nothing is ever downloaded: without ``checkpoint`` the encoder is freshly initialised.
-``encoder`` reads the architecture off any checkpoint; the named sizes also check the
-checkpoint is that size (``img_size`` only sizes a fresh encoder). Extra keywords go to
+Every entry point takes ``checkpoint=PATH`` (one of ours, a published one, a sharded folder or a
+Lightning ``.ckpt`` of ``IJEPAModule``) and ``which="target_encoder"`` (the encoder I-JEPA
+evaluates) or ``"encoder"`` (the context encoder). Nothing is ever downloaded: without
+``checkpoint`` the encoder is freshly initialised. ``encoder`` reads the architecture off any
+checkpoint; the named sizes also check the checkpoint is that size (``img_size`` only sizes a
+fresh encoder). Extra keywords go to
 ``VisionTransformer`` (e.g. ``attn_impl="math"``).
 """
 dependencies = ["torch"]

@@ -17,13 +17,21 @@ SPEC_PEAK_TFLOPS = {
 }
 EQUAL_MASKS = "ijepa-fast reference mode"  # the released step fed our masks: the same tokens in every step
 
-# published recipes: (model, patch, resolution, epochs, images in the dataset)
+# published recipes: (model, patch, resolution, epochs, images in the dataset); the ViT-B/16 and L/16
+# ones are StoP's I-JEPA configs (configs/in1k_vitb16.yaml, in1k_vitl16.yaml), the others the release's
 RECIPES = {
+    "in1k_vitb16": ("vit_base", 16, 224, 600, 1_281_167),
+    "in1k_vitl16": ("vit_large", 16, 224, 600, 1_281_167),
     "in1k_vith14_ep300": ("vit_huge", 14, 224, 300, 1_281_167),
     "in1k_vith16-448_ep300": ("vit_huge", 16, 448, 300, 1_281_167),
     "in22k_vith14_ep66": ("vit_huge", 14, 224, 66, 14_197_122),
     "in22k_vitg16_ep44": ("vit_giant", 16, 224, 44, 14_197_122),
 }
+# the GPUs each recipe was published on (global batch 2048 in every one)
+RECIPE_GPUS = {"in1k_vitb16": 32, "in1k_vitl16": 32, "in1k_vith14_ep300": 16, "in1k_vith16-448_ep300": 128,
+               "in22k_vith14_ep66": 64, "in22k_vitg16_ep44": 128}
+# published training cost where the paper gives one: (GPU-hours, card, what was reported)
+PUBLISHED_HOURS = {"in1k_vith14_ep300": (1150.0, "A100", "under 72 h on 16 A100s (Assran et al. 2023)")}
 
 # (label, model, patch, batch, masks, fp8 of our row, minimum speed-up over the released step, extra checks)
 GOALS = [
@@ -51,8 +59,23 @@ def add_spec_mfu(row: dict) -> dict:
 
 def gpu_hours(images_per_s: float, model: str, patch: int, img: int = 224) -> dict:
     """Projected GPU-hours of each published recipe of this model at ``images_per_s`` on one GPU."""
-    return {name: round(epochs * n / images_per_s / 3600, 1)
-            for name, (m, p, r, epochs, n) in RECIPES.items() if (m, p, r) == (model, patch, img) and images_per_s}
+    return {name: recipe_hours(name, images_per_s)["gpu_hours"]
+            for name, (m, p, r, _, _) in RECIPES.items() if (m, p, r) == (model, patch, img) and images_per_s}
+
+
+def recipe_hours(name: str, images_per_s: float) -> dict:
+    """The whole run of published recipe ``name`` at ``images_per_s`` per GPU, as users count it:
+    ``gpu_hours`` = epochs x images / images-per-second / 3600 (one GPU's time, summed over GPUs),
+    ``hours`` = that over the recipe's GPU count (wall-clock on that many cards, perfect scaling
+    assumed), and the published figure where the paper gives one."""
+    _, _, _, epochs, n = RECIPES[name]
+    gpus = RECIPE_GPUS[name]
+    total = epochs * n / images_per_s / 3600
+    out = {"recipe": name, "epochs": epochs, "images": n, "gpus": gpus, "gpu_hours": round(total, 1),
+           "hours": round(total / gpus, 1)}
+    if name in PUBLISHED_HOURS:
+        out["published_gpu_hours"], out["published_card"], out["published"] = PUBLISHED_HOURS[name]
+    return out
 
 
 def released(refs: list[dict], model: str, patch: int, batch: int) -> dict | None:
@@ -179,9 +202,18 @@ def hours_lines(rows: list[dict], refs: list[dict]) -> list[str]:
                   for r in rows if (r.get("model"), r.get("patch"), r.get("img", 224)) == (model, patch, img)
                   and r.get("fast") and r.get("images_per_s")]
         if cands:
-            lines.append(f"- `{name}` ({epochs} epochs x {n:,} images): " + ", ".join(
-                f"{who} {gpu_hours(ips, model, patch, img)[name]:,} GPU-hours" for who, ips in cands))
+            lines.append(f"- `{name}` ({recipe_line(name)}): " + ", ".join(
+                f"{who} {h['gpu_hours']:,} GPU-hours ({h['hours']:,} h on {h['gpus']})"
+                for who, h in ((w, recipe_hours(name, ips)) for w, ips in cands)))
     return lines
+
+
+def recipe_line(name: str) -> str:
+    """'300 epochs x 1,281,167 images on 16 GPUs; published: ...' for a published recipe."""
+    _, _, _, epochs, n = RECIPES[name]
+    pub = PUBLISHED_HOURS.get(name)
+    return (f"{epochs} epochs x {n:,} images on {RECIPE_GPUS[name]} GPUs"
+            + (f"; published: {pub[2]}, about {pub[0]:,.0f} {pub[1]}-hours" if pub else ""))
 
 
 def step_report(rows: list[dict], refs: list[dict], *, command: str, peak: float | None = None) -> str:

@@ -7,7 +7,9 @@ A checkpoint is a ``.pth.tar`` dict with the published keys ``encoder``, ``predi
 ours load the same way. Ours add an ``ijepa_fast`` entry with what an exact resume needs (step,
 sampler, RNG states, data position, config). A sharded (FSDP) checkpoint is a DCP folder
 ``<tag>-step<N>.dcp/`` named by a ``<tag>-latest.dcp`` pointer file; ``read_checkpoint``
-consolidates it into the same dict.
+consolidates it into the same dict. A Lightning checkpoint (``.ckpt``) of
+``ijepa_fast.lightning.IJEPAModule`` is read into it too (``from_lightning``), so every command
+and entry point that takes a checkpoint takes one.
 
 Every file is read with ``torch.load(weights_only=True)``: a checkpoint from elsewhere can hold
 tensors and plain containers, never objects that run code when unpickled.
@@ -92,9 +94,33 @@ def read_checkpoint(path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     ckpt = _load(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and not any(m in ckpt for m in MODULES):
+        ckpt = from_lightning(ckpt, path)
     if not isinstance(ckpt, dict) or not any(m in ckpt for m in MODULES):
         raise CheckpointUnreadable(f"{path} is not an I-JEPA checkpoint (no encoder / target_encoder entry)")
     return ckpt
+
+
+def from_lightning(ckpt: dict, path) -> dict:
+    """A Lightning checkpoint of a module holding an IJEPA (``IJEPAModule``: keys ``model.encoder.*``,
+    ``model.predictor.*``, ``model.target_encoder.*``) in the published layout: the three state
+    dicts, its single optimiser's state as ``opt``, ``epoch``, its RNG states and head counts. It carries no step
+    of ours, so ``run.resume`` treats it as a published checkpoint (at the start of its epoch)."""
+    state = ckpt["state_dict"]
+    prefix = next((k[: -len("encoder.pos_embed")] for k in state if k.endswith("encoder.pos_embed")
+                   and not k.endswith("target_encoder.pos_embed")), None)
+    if prefix is None:
+        raise CheckpointUnreadable(f"{path} is a Lightning checkpoint without an I-JEPA encoder (no "
+                                   f"'<module>.encoder.pos_embed' in its state_dict)")
+    out = {name: add_prefix({k[len(prefix) + len(name) + 1:]: v for k, v in state.items()
+                             if k.startswith(f"{prefix}{name}.")}) for name in MODULES}
+    out = {name: sd for name, sd in out.items() if sd}
+    optimizers = ckpt.get("optimizer_states") or []
+    ours = ckpt.get("ijepa_fast") or {}  # IJEPAModule.on_save_checkpoint's: RNG states and head counts
+    out.update({"opt": optimizers[0] if len(optimizers) == 1 else None, "scaler": None,
+                "epoch": int(ckpt.get("epoch", 0)), "lightning": {"global_step": int(ckpt.get("global_step", 0))},
+                "ijepa_fast": {k: ours[k] for k in ("rng", "num_heads", "pred_heads") if ours.get(k) is not None}})
+    return out
 
 
 def resolve(path) -> Path:

@@ -1,11 +1,12 @@
 """The ``ijepa-fast`` command.
 
     ijepa-fast train [CONFIG] [section.key=value ...] [--data DIR]   train (no CONFIG: the CPU demo)
-    ijepa-fast config [CONFIG] [section.key=value ...] [--describe]  print the resolved config / every option
+    ijepa-fast config [CONFIG] [section.key=value ...] [--describe [NAME]]  the resolved config / what options mean
     ijepa-fast export CHECKPOINT OUT [--format safetensors|timm|hf --which target|encoder]   export an encoder
     ijepa-fast import SRC OUT.pth.tar [--format timm|hf]   a timm / transformers encoder as a checkpoint
     ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
-    ijepa-fast extract CHECKPOINT --data DIR [--img 224 --tokens --out F]   features of a frozen encoder
+    ijepa-fast bench --report A.jsonl B.jsonl [--out NAME]   runs of several cards or commits compared
+    ijepa-fast extract CHECKPOINT --data DIR [--img 224 --layers 4 --tokens --out F]   features of a frozen encoder
     ijepa-fast probe {linear,attentive,knn,lowshot} --train T --val V [--checkpoint C]   probe accuracy
     ijepa-fast shard DIR OUT [--size 1GB --max-images N --seed S]   an image folder as tar shards
 
@@ -74,19 +75,42 @@ def _load(args) -> tuple[object, str]:
 
 
 def cmd_train(args) -> int:
+    import os
     import shlex
+    import time
 
+    from .run_folder import written_since
+    from .runlog import Heartbeat
     from .train import Trainer, run_trainer
 
-    cfg, name = _load(args)
+    t0 = time.time()
+    first = os.environ.get("RANK", "0") == "0"
+    if first:  # before torch is imported: seconds on a busy machine
+        print("ijepa-fast train: setting up", file=sys.stderr, flush=True)
     argv = [a for a in args.argv if a != "--force"]  # the command that continues the run needs no --force
-    trainer = Trainer(cfg, name, resume_command="ijepa-fast " + " ".join(shlex.quote(str(a)) for a in argv),
-                      force=args.force)
-    run_dir = run_trainer(trainer)
+    with Heartbeat(every=4.0, enabled=first) as beat:  # never silent for long: set-up, slow steps, the end
+        cfg, name = _load(args)
+        if not cfg.run.progress:
+            beat.stop()
+        trainer = Trainer(cfg, name, resume_command="ijepa-fast " + " ".join(shlex.quote(str(a)) for a in argv),
+                          force=args.force)
+        run_dir = run_trainer(trainer)
     print(f"run folder: {run_dir}")
+    files = written_since(run_dir, t0)
+    if files and first:
+        print(f"files written ({len(files)}):")
+        for rel, size in files:
+            print(f"  {rel:40s} {_size(size)}")
     if trainer.stopped_by:
         return EXIT_SIGNAL.get(trainer.stopped_by, EXIT_SIGNAL["SIGTERM"])
     return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
 
 
 def _positive(value, flag: str, *, zero: bool = False) -> None:
@@ -116,15 +140,15 @@ def _new_output(out, force: bool, siblings=()) -> None:
 def cmd_config(args) -> int:
     import yaml
 
-    from .config import config_dir, describe
+    from .config import config_dir, describe, describe_option
 
     if args.list:
         for p in sorted(config_dir().glob("*.yaml")):
             first = p.read_text().splitlines()[0].lstrip("# ") if p.read_text() else ""
             print(f"{p.stem:28s} {first}")
         return 0
-    if args.describe:
-        print(describe())
+    if args.describe is not None:
+        print(describe_option(args.describe) if args.describe else describe())
         return 0
     cfg, _ = _load(args)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -170,6 +194,8 @@ def cmd_import(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.report:
+        return _bench_report(args)
     from .bench import PUBLISHED_BATCH
     from .models import VIT_SIZES
 
@@ -196,6 +222,19 @@ def _check_input(path, what: str) -> None:
 
     if not Path(path).exists():
         raise ConfigError(f"{what} {path} does not exist")
+
+
+def _bench_report(args) -> int:
+    """``bench --report A.jsonl B.jsonl ...``: runs of several cards or commits on one page and chart."""
+    from .bench_compare import merge_reports, write_report
+
+    rows = merge_reports(args.report)
+    if not rows:
+        raise ConfigError(f"--report: no rows in {', '.join(args.report)}")
+    paths = write_report(rows, args.out or "bench-report", title="Benchmark runs compared",
+                         command="ijepa-fast " + " ".join(args.argv))
+    print(f"{len(rows)} rows of {len({r['run'] for r in rows})} run(s) -> " + ", ".join(map(str, paths.values())))
+    return 0
 
 
 def _encoder(args):
@@ -252,7 +291,7 @@ def cmd_extract(args) -> int:
     if args.img % enc.patch_size:
         raise ConfigError(f"--img {args.img}: not a multiple of the encoder's patch size {enc.patch_size}")
     feats = extract(enc, images, img=args.img, batch_size=args.batch, device=_device(args),
-                    tokens=args.tokens, num_workers=args.workers)
+                    tokens=args.tokens, num_workers=args.workers, layers=args.layers)
     if len(feats) == 0:
         raise DataError(f"none of the {len(images)} images of {args.data} could be decoded (all unusable, e.g. "
                         f"{feats.meta['skipped'][0] if feats.meta['skipped'] else '?'}): nothing written")
@@ -287,7 +326,7 @@ def _features(args, which: str, tokens: bool, classes=None):
         if args.img % enc.patch_size:
             raise ConfigError(f"--img {args.img}: not a multiple of the encoder's patch size {enc.patch_size}")
         feats = extract(enc, images, img=args.img, batch_size=args.batch, device=_device(args),
-                        tokens=tokens, num_workers=args.workers)
+                        tokens=tokens, num_workers=args.workers, layers=args.layers)
         if len(feats) == 0:
             raise DataError(f"none of the images of {path} could be decoded")
     if tokens and feats.tokens is None:
@@ -356,8 +395,10 @@ def _check_compatible(train, val, tokens: bool) -> None:
     normally, the same resolution (a warning)."""
     a, b = (train.tokens, val.tokens) if tokens else (train.features, val.features)
     if a.shape[-1] != b.shape[-1]:
+        layers = (train.meta.get("layers", 1), val.meta.get("layers", 1))
         raise DataError(f"train features are {a.shape[-1]} wide but val features {b.shape[-1]}: extract both splits "
-                        f"with the same checkpoint")
+                        f"with the same checkpoint" + (f" and --layers (here {layers[0]} and {layers[1]})"
+                                                       if layers[0] != layers[1] else ""))
     ia, ib = train.meta.get("img"), val.meta.get("img")
     if ia and ib and ia != ib:
         print(f"warning: train features were extracted at {ia} px and val features at {ib} px; probe accuracy is "
@@ -411,13 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config, list built-in configs or describe every option")
     c.add_argument("args", nargs="*", metavar="CONFIG | key=value",
                    help="a YAML file or built-in config (default demo_cpu), then section.key=value overrides")
-    c.add_argument("--describe", action="store_true", help="every option with its default and meaning")
+    c.add_argument("--describe", nargs="?", const="", metavar="NAME",
+                   help="an option's default and meaning (NAME: a key such as optim.lr, or a section such as optim; "
+                        "without NAME: every option)")
     c.add_argument("--list", action="store_true", help="the built-in configs")
     c.add_argument("--data", metavar="DIR", help="as train --data: the image folder to train on")
     c.set_defaults(func=cmd_config)
 
     e = sub.add_parser("export", help="export an encoder of a checkpoint: safetensors, timm or transformers layout")
-    e.add_argument("checkpoint", help="a checkpoint: ours, a published one, or a sharded <tag>-latest.dcp")
+    e.add_argument("checkpoint", help="a checkpoint: ours, a published one, a sharded <tag>-latest.dcp or a Lightning "
+                                        ".ckpt of IJEPAModule")
     e.add_argument("out", help="the .safetensors file (format safetensors) or the folder (timm, hf) to write")
     e.add_argument("--format", default="safetensors", choices=("safetensors", "timm", "hf"),
                    help="one file with timm's key names; a timm folder (config.json, model.safetensors); a "
@@ -460,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     b.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    b.add_argument("--out", help="also append the JSON lines to this file")
+    b.add_argument("--out", help="also append the JSON lines to this file (with --report: the files' name without "
+                                 "suffix; default bench-report)")
+    b.add_argument("--report", nargs="+", metavar="RUN.jsonl",
+                   help="time nothing: merge the JSON lines of runs on several cards or commits into one page and "
+                        "chart (.jsonl, .csv, .md, .png), side by side, with the released step's rows where present")
     b.set_defaults(func=cmd_bench)
 
     def encoder_args(q):
@@ -470,13 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--img", type=int, help="resolution; default: the one the checkpoint was trained at (other "
                        "sizes interpolate the positional table)")
         q.add_argument("--batch", type=int, default=64, help="images per forward pass")
+        q.add_argument("--layers", type=int, default=1, metavar="N",
+                       help="features: the average-pooled outputs of the last N blocks, concatenated (N x the width; "
+                            "4 = the paper's linear probe protocol; default 1, the pooled output)")
         q.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
         q.add_argument("--device", help="cuda or cpu (default: cuda when present; bf16 there)")
 
     x = sub.add_parser("extract", help="features of a frozen encoder over an image folder",
                        description="Average-pooled features (optionally every patch token), with labels and file "
                                    "names, as .safetensors or .npy.")
-    x.add_argument("checkpoint", help="a checkpoint: ours, a published one, or a sharded <tag>-latest.dcp")
+    x.add_argument("checkpoint", help="a checkpoint: ours, a published one, a sharded <tag>-latest.dcp or a Lightning "
+                                        ".ckpt of IJEPAModule")
     x.add_argument("--data", required=True, metavar="DIR", help="an image folder (class sub-folders or flat)")
     x.add_argument("--tokens", action="store_true", help="also keep every patch token")
     x.add_argument("--out", default="features.safetensors", help=".safetensors or .npy (with _labels.npy beside)")

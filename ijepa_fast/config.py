@@ -3,7 +3,8 @@
 ``load_config(path, overrides)`` starts from the defaults (``config_schema``), merges a YAML file (ours, or
 one of the reference implementation's, recognised by its sections), then overrides such as
 ``optim.lr=5e-4``. Every key is checked: an unknown key or a value of the wrong type is an error
-that names the key. ``describe()`` prints every option with its documentation.
+that names the key. ``describe()`` prints every option with its documentation, ``describe_option``
+one key or section.
 
 A YAML file may name another one with ``base: other.yaml`` (relative to itself, or a name in
 the built-in ``configs/``); its values are applied first.
@@ -33,7 +34,7 @@ from .config_validate import validate
 from .errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "DataConfig", "DistConfig", "MaskConfig", "ModelConfig", "OptimConfig",
-           "PerfConfig", "RunConfig", "describe", "dump_config", "load_config"]
+           "PerfConfig", "RunConfig", "describe", "describe_option", "dump_config", "load_config"]
 
 
 def _coerce(key: str, value, tp):
@@ -248,6 +249,22 @@ def describe(obj=None, prefix: str = "") -> str:
             extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
             lines.append(f"{prefix + f.name:26s} {_plain(value)!s:24s} {f.metadata.get('help', '')}{extra}")
     return "\n".join(lines)
+
+
+def describe_option(name: str) -> str:
+    """The lines of ``describe()`` for one key (``optim.lr``) or every key under a section
+    (``optim``, ``run``); a ConfigError naming close keys for a name that is neither."""
+    lines = describe().splitlines()
+    keys = [line.split(" ", 1)[0] for line in lines]
+    name = name.strip().rstrip(".")
+    hits = [line for line, key in zip(lines, keys) if key == name or key.startswith(name + ".")]
+    if hits:
+        return "\n".join(hits)
+    sections = sorted({k.split(".", 1)[0] for k in keys})
+    close = difflib.get_close_matches(name, keys + sections, n=3, cutoff=0.6)
+    hint = (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else
+            f"; give a key such as optim.lr or a section: {', '.join(sections)}")
+    raise ConfigError(f"unknown config key {name!r}{hint}")
 
 
 def dump_config(cfg: Config, path: Path) -> None:

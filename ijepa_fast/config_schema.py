@@ -57,7 +57,12 @@ class DataConfig:
                       ("folder", "demo", "digits"))
     path: str | None = opt(None, "image folder: ImageNet layout (class sub-folders) or flat; or a shard folder "
                            "written by `ijepa-fast shard` (found by its index.json)")
-    batch_size: int = opt(128, "images per step per process")
+    batch_size: int = opt(128, "images per step per process; with data.global_batch: the micro-batch, images per "
+                          "forward and backward pass on each process (the most that fits its memory)")
+    global_batch: int | None = opt(None, "images per optimiser step over all processes (the published recipes: "
+                                   "2048): each process takes global_batch / processes, data.batch_size at a time, "
+                                   "accumulating gradients (optim.accum_steps derived); null = data.batch_size x "
+                                   "processes")
     crop_size: int = opt(224, "training resolution (RandomResizedCrop output side)")
     crop_scale: tuple[float, float] = opt((0.3, 1.0), "RandomResizedCrop area range")
     crop_ratio: tuple[float, float] = opt((0.75, 4 / 3), "RandomResizedCrop aspect range")
@@ -105,7 +110,7 @@ class OptimConfig:
     loss: str = opt("smooth_l1", "'smooth_l1' (released code, beta 1) or 'mse' (paper text)", LOSSES)
     grad_clip: float | None = opt(None, "clip the global gradient norm to this value (null = off)")
     accum_steps: int = opt(1, "split each process's batch into this many micro-batches (gradient accumulation; "
-                           "less memory, the same step)")
+                           "less memory, the same step); derived, and left at 1, with data.global_batch")
     lr_scaling: str = opt("none", "'none': the learning rates as given (the published recipes were tuned for a global "
                           "batch of 2048); 'linear': multiplied by global batch / optim.base_batch", ("none", "linear"))
     base_batch: int = opt(2048, "the global batch the learning rates are given for (lr_scaling=linear)")

@@ -80,6 +80,8 @@ def _model(m, d) -> None:
 
 def _data(d, m) -> None:
     _need(d.batch_size >= 1, "data.batch_size", f"must be at least 1, got {d.batch_size}")
+    _need(d.global_batch is None or d.global_batch >= 1, "data.global_batch",
+          f"must be at least 1 or null, got {d.global_batch}")
     _need(d.crop_size >= 1, "data.crop_size", f"must be positive, got {d.crop_size}")
     _need(d.crop_size % m.patch_size == 0, "data.crop_size",
           f"{d.crop_size} is not a multiple of model.patch_size={m.patch_size}")
@@ -123,6 +125,9 @@ def _optim(o, d) -> None:
     _need(o.base_batch >= 1, "optim.base_batch", f"must be at least 1, got {o.base_batch}")
     _need(o.accum_steps >= 1 and d.batch_size % o.accum_steps == 0, "optim.accum_steps",
           f"must divide data.batch_size={d.batch_size}")
+    _need(d.global_batch is None or o.accum_steps == 1, "optim.accum_steps",
+          f"is derived from data.global_batch={d.global_batch}: leave it at 1 and set data.batch_size to the "
+          f"micro-batch that fits memory")
 
 
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")

@@ -143,7 +143,10 @@ class IJEPAModule(pl.LightningModule):
 
     # -- checkpoints: Lightning saves weights (target encoder included), optimiser and loop state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ijepa_fast"] = {"rng": rng_state(), "sampler": {"seed": self.seed, "mode": self.mask_cfg.mode}}
+        blocks = self.model.predictor.predictor_blocks  # head counts: not in the weights, read by checkpoint.py
+        checkpoint["ijepa_fast"] = {"rng": rng_state(), "sampler": {"seed": self.seed, "mode": self.mask_cfg.mode},
+                                    "num_heads": self.model.encoder.num_heads,
+                                    "pred_heads": blocks[0].attn.num_heads if len(blocks) else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         extra = checkpoint.get("ijepa_fast") or {}

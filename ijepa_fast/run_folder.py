@@ -179,3 +179,18 @@ def move_aside(run_dir: Path, after_step: int | None = None) -> Path:
             continue
         os.replace(p, dest / p.name)
     return dest
+
+
+def written_since(run_dir, since: float) -> list[tuple[str, int]]:
+    """(path relative to ``run_dir``, bytes) of every file in it modified at or after ``since`` (a
+    ``time.time()``), sorted: what a command wrote into its run folder."""
+    run_dir = Path(run_dir)
+    out = []
+    for p in sorted(run_dir.rglob("*")):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file() and st.st_mtime >= since - 1:  # file-system timestamps can be a second coarse
+            out.append((str(p.relative_to(run_dir)), st.st_size))
+    return out

@@ -18,6 +18,20 @@ COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "grad_norm", "ctx_to
 
 FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
 
+# when the console last showed something (a log line, the progress bar), and what the run is doing
+_console = {"at": time.monotonic(), "bar": None, "bars": 0}
+
+
+def touch() -> None:
+    """Note that the console just showed something (``Heartbeat`` stays quiet for a while)."""
+    _console["at"] = time.monotonic()
+
+
+class _Console(logging.StreamHandler):
+    def emit(self, record) -> None:
+        super().emit(record)
+        touch()
+
 
 def setup_logging(run_dir: Path | None = None, rank: int = 0, defer: bool = False) -> None:
     """INFO to stderr (rank 0 only) and to <run_dir>/train.log. With ``defer``, the file gets
@@ -27,7 +41,7 @@ def setup_logging(run_dir: Path | None = None, rank: int = 0, defer: bool = Fals
     log.propagate = False
     close_logging()
     if rank == 0:
-        h = logging.StreamHandler(sys.stderr)
+        h = _Console(sys.stderr)
         h.setFormatter(FORMAT)
         log.addHandler(h)
     if run_dir is not None:
@@ -141,6 +155,8 @@ class Progress:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self.bar = None
         self.total, self.n, self.t0 = total, initial, time.time()
+        _console["bar"], _console["bars"] = self, _console["bars"] + 1
+        touch()
         if enabled:
             try:
                 from tqdm import tqdm
@@ -150,14 +166,66 @@ class Progress:
 
     def update(self, n: int = 1, **info) -> None:
         self.n += n
+        touch()
         if self.bar is not None:
             self.bar.update(n)
             if info:
                 self.bar.set_postfix(info, refresh=False)
 
     def close(self) -> None:
+        if _console["bar"] is self:
+            _console["bar"] = None
         if self.bar is not None:
             self.bar.close()
+
+
+class Heartbeat:
+    """While open, a line on ``stream`` whenever the console has shown nothing for ``every`` seconds
+    (a long set-up, a slow step, the final checkpoint and plot), so a run is never silent for long:
+    ``... setting up (12 s)``, ``... step 41 of 256 running (31 s)``, ``... finishing (58 s)``."""
+
+    def __init__(self, every: float = 4.0, stream=None, enabled: bool = True, clock=time.monotonic):
+        self.every, self.stream, self.enabled, self.clock = every, stream, enabled, clock
+        self.t0, self._stop, self._thread = clock(), None, None
+
+    def due(self, now: float) -> str | None:
+        """The line to show at ``now`` (and the console marked as active), or None while it is not due."""
+        if now - _console["at"] < self.every:
+            return None
+        bar = _console["bar"]
+        what = (f"step {bar.n + 1} of {bar.total} running" if bar is not None else
+                "finishing" if _console["bars"] > self._bars else "setting up")
+        _console["at"] = now
+        return f"... {what} ({now - self.t0:.0f} s)"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            bar = _console["bar"]
+            line = self.due(self.clock())
+            if line and bar is not None and bar.bar is not None:
+                bar.bar.write(line, file=self.stream or sys.stderr)  # above the bar, which stays whole
+            elif line:
+                print(line, file=self.stream or sys.stderr, flush=True)
+
+    def __enter__(self):
+        import threading
+
+        self._bars = _console["bars"]
+        _console["at"] = self.t0 = self.clock()
+        if self.enabled:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._loop, name="ijepa-fast-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def plot_metrics(metrics_path, out_png) -> Path | None:

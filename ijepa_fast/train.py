@@ -20,6 +20,7 @@ import torch
 
 from . import __version__, distributed
 from ._compat import keyword_only
+from .batching import batch_warning, plan_batch, with_plan
 from .checkpoint import training_checkpoint
 from .config import Config
 from .config_validate import config_warnings
@@ -63,7 +64,7 @@ class Trainer:
         ``resume_command``: the command line that continues this run, for messages (the CLI's).
         ``force``: start over in (or rewind) a run folder that holds a run (see ``run_folder.check_history``).
         ``stopped_by`` is set to the signal's name when a signal stops the run."""
-        self.cfg = cfg
+        self.cfg = self.settings = cfg  # settings: as given; cfg: in per-process terms (batching.with_plan)
         self.resume_command = resume_command
         self.stopped_by = None
         self.lock = None
@@ -107,6 +108,8 @@ class Trainer:
         c = self.cfg
         self.env = env or distributed.read_env()
         self.rank, self.world = self.env.rank, self.env.world
+        self.batch = plan_batch(c.data, c.optim, self.world)
+        self.cfg = c = with_plan(c, self.batch)
         self.device = resolve_device(c.run.device, self.env)
         if c.run.threads:
             torch.set_num_threads(c.run.threads)
@@ -141,11 +144,14 @@ class Trainer:
         """The image source, the global batch, the epoch length and the schedules."""
         c = self.cfg
         self.source = source if source is not None else build_source(c.data, c.run.seed)
-        self.global_batch = c.data.batch_size * self.world
+        self.global_batch = self.batch.global_batch
         self.steps_per_epoch = len(self.source) // self.global_batch
         if self.steps_per_epoch == 0:
             raise DataError(f"{len(self.source)} images are fewer than one global batch of {self.global_batch}; "
-                            f"lower data.batch_size")
+                            f"lower {'data.global_batch' if self.settings.data.global_batch else 'data.batch_size'}")
+        warning = batch_warning(self.batch, c.optim)
+        if warning:
+            log.warning(warning)
         span = int(c.optim.ipe_scale * c.optim.epochs * self.steps_per_epoch)
         if span < 1:
             raise ConfigError(f"optim.ipe_scale={c.optim.ipe_scale}: the schedules would span {span} steps "
@@ -194,13 +200,13 @@ class Trainer:
     # -- checkpoints
     def train_state(self) -> dict:
         """What an exact resume needs besides the weights and the optimiser."""
-        c, m = self.cfg, self.model
+        m = self.model
         epoch = self.step // self.steps_per_epoch
         blocks = m.predictor.predictor_blocks
         return {"version": __version__, "step": self.step, "sampler": self.sampler.state_dict(),
                 "data": {"epoch": epoch, "batch": self.step % self.steps_per_epoch},
                 "global_batch": self.global_batch, "num_heads": m.encoder.num_heads,
-                "pred_heads": blocks[0].attn.num_heads if len(blocks) else None, "config": c.to_dict()}
+                "pred_heads": blocks[0].attn.num_heads if len(blocks) else None, "config": self.settings.to_dict()}
 
     def save(self, loss_avg: float) -> Path:
         self.sampler.step = self.step  # workers drew by step number; the next draw is this step's

@@ -46,7 +46,8 @@ def test_gpu_hours_by_hand():
     hours = gpu_hours(ips, "vit_huge", 14)
     assert set(hours) == {"in1k_vith14_ep300", "in22k_vith14_ep66"}
     assert abs(hours["in1k_vith14_ep300"] - 300 * 1_281_167 / ips / 3600) < 0.06
-    assert gpu_hours(ips, "vit_base", 16) == {}  # no published ViT-B recipe
+    assert set(gpu_hours(ips, "vit_base", 16)) == {"in1k_vitb16"}  # StoP's I-JEPA ViT-B/16
+    assert gpu_hours(ips, "vit_small", 16) == {}  # no published ViT-S recipe
 
 
 def test_goals_met_not_met_not_measured():

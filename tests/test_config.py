@@ -23,6 +23,7 @@ def test_config_defaults_are_the_vith14_recipe():
 def test_config_published_recipes(name, model, patch, crop, batch, epochs, warmup, pred_depth):
     c = load_config(name)
     assert (c.model.name, c.model.patch_size, c.data.crop_size, c.data.batch_size) == (model, patch, crop, batch)
+    assert c.data.global_batch == c.optim.base_batch == 2048  # the recipe's batch on any number of GPUs
     assert (c.optim.epochs, c.optim.warmup, c.model.pred_depth) == (epochs, warmup, pred_depth)
     assert (c.optim.weight_decay, c.optim.final_weight_decay) == (0.04, 0.4)
     assert c.mask.mode == "reference" and c.mask.min_keep == 10  # the released sampler
@@ -42,7 +43,7 @@ def test_config_in1k_size_recipes(name, model, pred_depth, pred_dim, per_gpu, gp
     o = c.optim
     assert (o.epochs, o.warmup, o.start_lr, o.lr, o.final_lr) == (600, 15, 2e-4, 8e-4, 1e-4)
     assert (c.optim.weight_decay, c.optim.final_weight_decay, c.optim.ema) == (0.04, 0.4, (0.996, 1.0))
-    assert c.data.batch_size == per_gpu and per_gpu * gpus == c.optim.base_batch == 2048
+    assert c.data.batch_size == per_gpu and per_gpu * gpus == c.optim.base_batch == c.data.global_batch == 2048
     assert c.mask.mode == "reference" and c.data.hflip is False and c.optim.lr_scaling == "none"
     text = (config_dir() / f"{name}.yaml").read_text()
     assert f"global batch 2048 ({gpus} GPUs x {per_gpu})" in text.splitlines()[0]
@@ -173,3 +174,21 @@ def test_config_demo_runs_the_collapse_monitor_often_enough_to_compare():
     cfg = load_config("demo_cpu")
     steps = cfg.optim.epochs * (cfg.data.demo_images // cfg.data.batch_size)
     assert cfg.run.monitor_every > 0 and steps // cfg.run.monitor_every >= 4
+
+
+def test_config_describe_one_key_or_a_section(capsys):
+    from ijepa_fast.cli import main
+    from ijepa_fast.config import describe_option
+
+    assert main(["config", "--describe", "optim.lr"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].split()[:2] == ["optim.lr", "0.001"] and "peak LR" in out[0]
+    section = describe_option("data").splitlines()
+    assert [line.split()[0] for line in section] == ["data." + f for f in Config().data.__dataclass_fields__]
+    assert "data.global_batch" in describe_option("data.global_batch") and len(section) > 5
+    assert main(["config", "--describe", "optim.lrr"]) == 2
+    assert "unknown config key 'optim.lrr'; did you mean 'optim.lr'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="a section: data, dist, mask, model, optim, perf, run"):
+        describe_option("nothing_like_it")
+    assert main(["config", "--describe"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(describe().splitlines())

@@ -4,7 +4,10 @@
 resized (shorter side to ``img * 256 / 224``) and centre-cropped to ``img`` pixels, at any
 resolution (the positional table is interpolated to the grid; it is exact at the native one),
 in batches, in bf16 on a GPU. It returns average-pooled features [N, D] (I-JEPA has no class
-token), optionally every patch token [N, T, D], with labels and file names.
+token), optionally every patch token [N, T, D], with labels and file names. With ``layers=L`` the
+features are the average-pooled outputs of the last L blocks (each through the encoder's final
+layer norm), concatenated from the earliest to the last: [N, L x D]; L=4 is the paper's linear-probe
+protocol, L=1 the pooled output.
 """
 from __future__ import annotations
 
@@ -67,20 +70,34 @@ class _EvalImages(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def encode(encoder, images: torch.Tensor, tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(average-pooled [B, D], patch tokens [B, T, D] or None) of a batch of normalised images,
-    in fp32 (the encoder runs under bf16 autocast on a GPU)."""
+def encode(encoder, images: torch.Tensor, tokens: bool = False,
+           layers: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(average-pooled [B, layers x D], patch tokens [B, T, D] of the output or None) of a batch of
+    normalised images, in fp32 (the encoder runs under bf16 autocast on a GPU). ``layers``: how many
+    of the last blocks' outputs are pooled and concatenated (see the module docstring)."""
+    depth = len(encoder.blocks)
+    if not 1 <= layers <= depth:
+        raise ConfigError(f"--layers {layers}: the encoder has {depth} blocks; choose 1 to {depth} (4 = the linear "
+                         f"probe protocol)")
     dev = images.device
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        h = encoder(images)
+    seen = []
+    hooks = [blk.register_forward_hook(lambda _m, _i, out: seen.append(out)) for blk in encoder.blocks[depth - layers:]]
+    try:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            h = encoder(images)
+            inner = [encoder.norm(x) for x in seen[:-1]]  # the last block's normed output is h itself
+    finally:
+        for hook in hooks:
+            hook.remove()
     h = h.float()
-    return h.mean(1), (h if tokens else None)
+    pooled = torch.cat([x.float().mean(1) for x in inner] + [h.mean(1)], dim=-1)
+    return pooled, (h if tokens else None)
 
 
 @torch.no_grad()
-@keyword_only(2, ("img", "batch_size", "device", "tokens", "num_workers", "progress"))
+@keyword_only(2, ("img", "batch_size", "device", "tokens", "num_workers", "progress", "layers"))
 def extract(encoder, source, *, img: int = 224, batch_size: int = 64, device: str | torch.device = "cpu",
-            tokens: bool = False, num_workers: int = 0, progress: bool = True) -> Features:
+            tokens: bool = False, num_workers: int = 0, progress: bool = True, layers: int = 1) -> Features:
     """Features of every image of ``source`` (an image or shard folder, or DemoImages); see the module
     docstring."""
     from ..runlog import Progress
@@ -89,12 +106,15 @@ def extract(encoder, source, *, img: int = 224, batch_size: int = 64, device: st
     encoder = encoder.to(device).eval()
     if img % encoder.patch_size:
         raise ConfigError(f"--img {img} is not a multiple of the encoder's patch size {encoder.patch_size}")
+    if not 1 <= layers <= len(encoder.blocks):
+        raise ConfigError(f"--layers {layers}: the encoder has {len(encoder.blocks)} blocks; choose 1 to "
+                         f"{len(encoder.blocks)} (4 = the linear probe protocol)")
     loader = torch.utils.data.DataLoader(_EvalImages(source, EvalTransform(img)), batch_size=batch_size,
                                          num_workers=num_workers)
     pooled, toks, idx, bad = [], [], [], []
     bar = Progress(len(loader), 0, progress)
     for x, i, ok in loader:
-        p, t = encode(encoder, x.to(device), tokens)
+        p, t = encode(encoder, x.to(device), tokens, layers)
         pooled.append(p.cpu())
         if tokens:
             toks.append(t.cpu())
@@ -106,8 +126,9 @@ def extract(encoder, source, *, img: int = 224, batch_size: int = 64, device: st
     labels = torch.tensor([getattr(source, "labels", [-1] * len(source))[i] for i in idx.tolist()], dtype=torch.int64)
     keep = torch.ones(len(idx), dtype=torch.bool)
     keep[[idx.tolist().index(b) for b in bad]] = False
-    feats = torch.cat(pooled)[keep] if pooled else torch.zeros(0, encoder.embed_dim)
-    meta = {"img": img, "pool": "avg", "skipped": [source.name(b) for b in bad], "encoder_dim": encoder.embed_dim,
+    feats = torch.cat(pooled)[keep] if pooled else torch.zeros(0, layers * encoder.embed_dim)
+    meta = {"img": img, "pool": "avg" if layers == 1 else f"avg of the last {layers} blocks, concatenated",
+            "layers": layers, "skipped": [source.name(b) for b in bad], "encoder_dim": encoder.embed_dim,
             "classes": list(getattr(source, "classes", []))}
     return Features(feats, labels[keep], [source.name(i) for i in idx[keep].tolist()],
                     torch.cat(toks)[keep] if tokens and toks else None, meta)
