@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import re
@@ -233,6 +234,10 @@ def run_steps(win: Window, models: list[Model], steps: int, warmup: int) -> None
                 return rows[0]
             win.guarded(what, m.released_cap_s, released)
         for v in m.variants:
+            if v.fp8 and importlib.util.find_spec("torchao") is None:
+                print(f"torchao is not installed: the FP8 row of {m.model} is not measured "
+                      "(benchmarks/prepare_device.sh downloads its wheel)", flush=True)
+                continue
             spec = BenchSpec(model=m.model, patch=m.patch, img=m.img, batch=m.batch, pred_depth=m.pred_depth,
                              mask_mode="reference", fast=True, fp8=v.fp8, perf=dict(v.perf), steps=steps,
                              warmup=warmup, device=win.device)
