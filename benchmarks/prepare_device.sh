@@ -4,8 +4,8 @@
 #   1. the released code in .bench_ref/ (reference_step.py + .ref/src, .ref/configs; see
 #      shared/anchors/README.md): checked, never downloaded here, never committed;
 #   2. the torchao wheel for the GPU image's Python 3.12 in .whl/ (the GPU machine has no network);
-#   3. the golden files in .golden/ (from tests/golden/ when the checkout has them, else $GOLDEN_SRC,
-#      by default ../shared/golden beside the checkout).
+#   3. the golden files in .golden/ ($GOLDEN_SRC, else the first of tests/golden/, $IJEPA_REFERENCE_DIR,
+#      ../shared/golden and ../../shared/golden that holds them).
 # Exits 1, saying what is missing, when something could not be prepared.
 #
 #   bash benchmarks/prepare_device.sh
@@ -33,9 +33,12 @@ wheels=$(ls .whl/*.whl 2>/dev/null | wc -l)
 [ "$wheels" -le 1 ] || say "note: $wheels wheels in .whl/; keep one version of each package"
 
 src=${GOLDEN_SRC:-}
-if [ -z "$src" ]; then
-    if ls tests/golden/ref_step_*.pt >/dev/null 2>&1; then src=tests/golden; else src=../shared/golden; fi
+if [ -z "$src" ]; then  # the first folder holding them: tests/golden, $IJEPA_REFERENCE_DIR, a shared/golden above
+    for d in tests/golden "${IJEPA_REFERENCE_DIR:-}" ../shared/golden ../../shared/golden; do
+        if [ -n "$d" ] && ls "$d"/ref_step_*.pt >/dev/null 2>&1; then src=$d; break; fi
+    done
 fi
+src=${src:-tests/golden}
 if ls "$src"/ref_step_*.pt "$src"/ref_traj_*.pt >/dev/null 2>&1; then
     mkdir -p .golden && cp "$src"/ref_*.pt "$src"/ref_*.pth.tar .golden/ \
         && say "golden files: $(ls .golden | wc -l) files from $src into .golden/"
