@@ -208,15 +208,12 @@ def built_on(device: str):
         bench.IJEPA.build = real
 
 
-def run_steps(win: Window, models: list[Model], steps: int, warmup: int) -> None:
-    import torch
+def run_steps(win: Window, models: list[Model], steps: int, warmup: int, peak: float | None) -> None:
+    """The released step's row and ours, variant by variant (MFU against ``peak``)."""
     from bench_step import reference_rows
 
-    from ijepa_fast.bench import BenchSpec, matmul_peak_tflops, run
+    from ijepa_fast.bench import BenchSpec, run
 
-    peak = matmul_peak_tflops(torch.device(win.device))
-    if peak:
-        win.emit({"bench": "matmul_peak", "tflops_bf16_8192": round(peak, 1)})
     for m in models:
         what = {"bench": "reference_step", "model": m.model, "patch": m.patch, "batch": m.batch,
                 "pred_depth": m.pred_depth, "variant": "released"}
