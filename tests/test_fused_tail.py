@@ -227,3 +227,27 @@ def test_fused_tail_deferred_step_has_no_host_sync(layout):
     with count_host_syncs() as syncs:
         train_step(model, opt, images, masks, 2, SCHED, master=mw, tail=tail)
     assert syncs.counts() == {"tolist": 1}, syncs.report()
+
+
+def test_fused_tail_tables_built_once_over_fifty_steps():
+    """The kernel's tables are built at the first step only: 50 steps, each with its own masks (so
+    activations come and go between steps), reuse them; the gradient buffers stay where they were."""
+    from ijepa_fast.kernels import adamw_tail
+
+    model, mw, opt, tail = _lean("triton")
+    sched = Schedules(steps_per_epoch=50, epochs=1, warmup=0.2)
+    lengths, first, where = set(), None, None
+    for s in range(50):
+        images, raw = _batch(model, seed=s, step=s)
+        lengths.add(tuple(raw.context.shape))
+        images, masks = _on_device(mw, images, raw)
+        res = train_step(model, opt, images, masks, s, sched, master=mw, tail=tail, sync=False)
+        grads = [p.grad.data_ptr() for p in mw.compute.parameters() if p.grad is not None]
+        if s == 0:
+            first, where = dict(adamw_tail.BUILDS), grads
+            assert first["pointers"] > 0 and first["blocks"] > 0
+        assert grads == where and not any(p.grad.any() for p in mw.compute.parameters() if p.grad is not None)
+    assert len(lengths) > 5  # the masks (and so the activations' sizes) changed from step to step
+    assert adamw_tail.BUILDS == first, f"tables rebuilt after the first step: {first} -> {adamw_tail.BUILDS}"
+    (last,) = read_results([(49, res)])
+    assert math.isfinite(last.loss)
