@@ -3,7 +3,7 @@
     python benchmarks/bench_step.py [--models vit_huge:14:128,vit_base:16:256,vit_large:16:128,vit_giant:16:16]
                                     [--masks reference,default] [--paths fast,fp8] [--steps 10] [--warmup 3]
                                     [--reference] [--out F.jsonl] [--md F.md]
-    python benchmarks/bench_step.py --report F.jsonl --md F.md      # the page from rows already measured
+    python benchmarks/bench_step.py --report F.jsonl [G.jsonl ...] --md F.md   # the page from rows measured
 
 One JSON object per line (see ijepa_fast/bench.py for every field): images/s, tokens/s, model
 TFLOP/s and MFU against the bf16 matmul peak measured in the same run and against the card's spec
@@ -34,7 +34,10 @@ from common import ROOT, emit, environment
 RUN_ID = os.environ.get("BENCH_RUN_ID") or time.strftime("%Y%m%dT%H%M%S")
 
 
-def reference_rows(model, patch, batch, *, steps, warmup, out, env, variants=("released",), masks="ours"):
+def reference_rows(model, patch, batch, *, steps, warmup, out, env, variants=("released",), masks="ours",
+                   pred_depth=12, img=224, device="cuda"):
+    """The released step's rows, timed in a subprocess at the same predictor depth, resolution and
+    masks as ours (equal work); none, saying so, without .bench_ref/."""
     if not (ROOT / ".bench_ref" / "reference_step.py").exists():
         print("no .bench_ref/reference_step.py: skipping the released step", file=sys.stderr)
         return []
@@ -42,7 +45,8 @@ def reference_rows(model, patch, batch, *, steps, warmup, out, env, variants=("r
     for variant in variants:
         extra = {"released": [], "compiled": ["--sdpa", "--compile"]}[variant]
         cmd = [sys.executable, str(ROOT / "benchmarks" / "reference_equal_work.py"), "--model", model, "--patch",
-               str(patch), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)] + extra
+               str(patch), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
+               "--pred-depth", str(pred_depth), "--crop", str(img), "--device", device] + extra
         cmd += ["--own-masks"] if masks == "own" else []
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": ""})
         tokens = None
@@ -54,7 +58,8 @@ def reference_rows(model, patch, batch, *, steps, warmup, out, env, variants=("r
                 tokens = r.get("mean_ctx_tokens")
             elif r.get("what") == "official_train_step":
                 r.update(bench="reference_step", variant="released" if not extra else "released + sdpa + compile",
-                         mean_ctx_tokens=round(tokens, 1) if tokens is not None else None)
+                         mean_ctx_tokens=round(tokens, 1) if tokens is not None else None, pred_depth=pred_depth,
+                         img=img)
                 r.update(env)
                 rows.append(r)
                 emit(r, out)
@@ -63,14 +68,20 @@ def reference_rows(model, patch, batch, *, steps, warmup, out, env, variants=("r
     return rows
 
 
-def report(path, md, command):
-    """Write the page from the newest run's rows in a JSON-lines file."""
-    from ijepa_fast.bench_report import step_report
-
+def newest_run(path) -> list[dict]:
+    """The rows of the newest run (``run_id``) in a JSON-lines file (every row where none has one)."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
     run = [r for r in rows if r.get("run_id")]
     latest = run[-1]["run_id"] if run else None
-    rows = [r for r in rows if r.get("run_id") == latest] if latest else rows
+    return [r for r in rows if r.get("run_id") == latest] if latest else rows
+
+
+def report(paths, md, command):
+    """Write the page from the newest run's rows of each JSON-lines file, merged (two commands of
+    one GPU window, each with its own file, make one page)."""
+    from ijepa_fast.bench_report import step_report
+
+    rows = [r for path in paths for r in newest_run(path)]
     peaks = [r["tflops_bf16_8192"] for r in rows if r.get("bench") == "matmul_peak"]
     text = step_report([r for r in rows if r.get("bench") == "step"],
                        [r for r in rows if r.get("bench") == "reference_step"], command=command,
@@ -111,7 +122,10 @@ def main():
                    help="released (as shipped) and/or compiled (with sdpa + per-block compile)")
     p.add_argument("--reference-masks", default="ours", choices=("ours", "own"),
                    help="feed the released step our reference-mode masks (equal work) or let it draw its own")
-    p.add_argument("--report", help="only write --md from the newest run in this JSON-lines file")
+    p.add_argument("--report", nargs="+", metavar="ROWS", help="only write --md from the newest run in each of "
+                   "these JSON-lines files, merged")
+    p.add_argument("--pred-depth", type=int, help="predictor depth of ours and of the released step "
+                   "(default: the published recipe's, 16 for vit_giant, else 12)")
     p.add_argument("--out")
     p.add_argument("--md")
     args = p.parse_args()
@@ -137,10 +151,11 @@ def main():
     rows = []
     for item in args.models.split(","):
         model, patch, batch = item.split(":")
-        pred_depth = 16 if model == "vit_giant" else 12
-        if args.reference:
+        pred_depth = args.pred_depth or (16 if model == "vit_giant" else 12)
+        if args.reference:  # the same predictor depth and resolution as ours: equal work
             rows += reference_rows(model, patch, batch, steps=args.steps, warmup=args.warmup, out=args.out, env=env,
-                                   variants=args.reference_variants.split(","), masks=args.reference_masks)
+                                   variants=args.reference_variants.split(","), masks=args.reference_masks,
+                                   pred_depth=pred_depth, img=args.img, device=args.device)
         for mode in args.masks.split(","):
             for path, variant in runs:
                 fp8 = {"fp8": "rowwise", "fp8-rowwise": "rowwise", "fp8-tensorwise": "tensorwise"}.get(path)

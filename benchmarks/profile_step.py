@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py [--model vit_huge --patch 14 --img 224 --batch 128 --pred-depth 12]
                                       [--masks default] [--path fast] [--warmup 5] [--steps 3]
                                       [--device cuda] [--out F.jsonl] [--md F.md] [--plant-sync]
+                                      [--perf optimizer=fused_tail,token_buckets=4]
 
 The step is built as ``ijepa_fast/bench.py`` builds it, by ``Engine.from_config``: with
 ``--path fast`` the step ``ijepa-fast train`` runs with the recipe as shipped (every perf switch
@@ -15,7 +16,9 @@ and allocator retries (CUDA). One more step then runs under ``ijepa_fast.profili
 (and, on CUDA, ``torch.cuda.set_sync_debug_mode('warn')``): its host synchronisations, with the
 source line of each. Without CUDA the "device" times are the CPU ops' own times.
 
-``--plant-sync`` adds one ``.item()`` per step (a check that the counters count).
+``--plant-sync`` adds one ``.item()`` per step (a check that the counters count). ``--perf`` sets
+perf.* keys on the fast path (as ``bench_step.py --perf``): with ``optimizer=fused_tail`` the step is
+the deferred 0-sync one (the fused tail decides finiteness on the device).
 """
 from __future__ import annotations
 
@@ -92,12 +95,14 @@ def build(args, device):
     """The step ``ijepa_fast.bench.build_step`` builds (the one ``bench`` times), with the EMA named
     in the profile and, on request, a planted host sync."""
     import torch
+    from bench_step import parse_variant
 
     from ijepa_fast.bench import BenchSpec, build_step
     from ijepa_fast.config import MaskConfig
 
     spec = BenchSpec(model=args.model, patch=args.patch, img=args.img, batch=args.batch, pred_depth=args.pred_depth,
-                     mask_mode=args.masks, fast=args.path == "fast", device=str(device))
+                     mask_mode=args.masks, fast=args.path == "fast", device=str(device),
+                     perf=parse_variant(args.perf) if args.perf else {})
     mask = MaskConfig(mode=args.masks, **({"min_keep": args.min_keep} if args.min_keep else {}))
     setup = build_step(spec, args.warmup + args.steps + 1, mask)
     model = setup.model
@@ -132,6 +137,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda")
     p.add_argument("--plant-sync", action="store_true", help="add one .item() per step (checks the counters)")
+    p.add_argument("--perf", metavar="KEY=VALUE[,KEY=VALUE]", help="perf.* settings of the fast path")
     p.add_argument("--out")
     p.add_argument("--md")
     args = p.parse_args()
@@ -181,6 +187,7 @@ def main():
     row = {"bench": "profile_step", "model": args.model, "patch": args.patch, "img": args.img, "batch": args.batch,
            "pred_depth": args.pred_depth, "masks": args.masks, "path": args.path, "device": str(device),
            "kernels": model.kernels, "layout": model.layout, "planted_sync": args.plant_sync, "steps": steps,
+           "perf": args.perf or "",
            "host_syncs": syncs.total, "host_syncs_by_location": syncs.by_location(),
            "cuda_sync_warnings": len(syncs.cuda_warnings),
            "median": {k: statistics.median(s[k] for s in steps) for k in ("wall_ms", "total_ms") + CATEGORIES},

@@ -166,6 +166,9 @@ def table_rows(rows: list[dict], refs: list[dict]) -> list[str]:
                 continue
             masks = ("reference, fed ijepa-fast's reference-mode masks (equal work)" if r.get("masks") == EQUAL_MASKS
                      else "reference, its own collator")
+            if r.get("error"):
+                lines.append(f"| {_name(model, patch)} | {batch} | {r.get('variant')} | | | | {r['error']} | | | | | |")
+                continue
             lines.append(f"| {_name(model, patch)} | {batch} | {r.get('variant')} | {masks} | "
                          f"{_fmt(r.get('mean_ctx_tokens'))} | {r.get('step_ms')} | {r.get('img_per_s')} | "
                          f"{'1.00x' if r is base else ''} | {_fmt(r.get('achieved_tflops'))} | | | "

@@ -9,6 +9,11 @@ their precision. The weights stay the same ``nn.Parameter`` objects, fp32 master
 compute copy, so the optimiser, the EMA and the checkpoints are unchanged (the state dict has
 the same keys, shapes and dtypes).
 
+The token count of a batch (the inner dimension of each weight-gradient matmul) is rarely a multiple
+of 16 (masks make it vary from step to step), which ``torch._scaled_mm`` requires: the layers are
+converted with torchao's ``pad_inner_dim``, which pads the inner dimension of each FP8 matmul with
+zeros up to the next multiple of 16 (an exact result; a copy only of the operands that need it).
+
 FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell).
 ``perf.fp8_emulate`` runs the same casts with high-precision matmuls on any device: for testing
 the numerics, with no speed-up.
@@ -70,9 +75,7 @@ def convert(model, name: str, *, emulate: bool = False) -> int:
     import dataclasses
 
     config_cls, convert_fn = _torchao()
-    config = config_cls.from_recipe_name(name)
-    if emulate:
-        config = dataclasses.replace(config, emulate=True)
+    config = dataclasses.replace(config_cls.from_recipe_name(name), pad_inner_dim=True, emulate=emulate)
     before = sum(1 for m in model.modules() if type(m).__name__ == "Float8Linear")
     for part in (model.encoder, model.target_encoder):
         convert_fn(part, config=config, module_filter_fn=lambda mod, fqn: fp8_ok(mod))

@@ -177,8 +177,7 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
     if tail is not None:
         scale = _clip_scale(norm_t, grad_clip) if grad_clip else None
         tail.step(momentum, from_compute=direct, grad_scale=scale)
-        optimizer.zero_grad(set_to_none=True)
-        runner.zero_grad(set_to_none=True)
+        tail.zero_grad(runner, direct)
         return StepResult(value, lr, wd, momentum, grad_norm)
     if grad_clip:
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip))
@@ -209,8 +208,7 @@ def _deferred_tail(tail, losses, params, grad_clip, momentum, direct, halt, runn
         halt.copy_(bad)
     scale = _clip_scale(norm, grad_clip) if grad_clip else None
     tail.step(momentum, from_compute=direct, grad_scale=scale, found_inf=bad)
-    tail.optimizer.zero_grad(set_to_none=True)
-    runner.zero_grad(set_to_none=True)
+    tail.zero_grad(runner, direct)
     return StepResult(value, lr_wd[0], lr_wd[1], momentum, norm, skipped=bad)
 
 

@@ -11,6 +11,12 @@ The optimiser state stays in the ``torch.optim.AdamW``'s own ``state`` (``exp_av
 ``exp_avg_sq``, ``step``), so checkpoints keep their format and a run can resume with either
 implementation. The step counts are kept on the parameters' device (as torch's fused AdamW keeps
 them), so that a step skipped on the device (``found_inf``) needs no host synchronisation.
+
+``FusedTail.zero_grad`` keeps the gradients the pass reads from step to step (zeroed in place, so
+autograd adds into the same buffers): their addresses stay put, and the kernel's pointer table is
+built once, not at every step. A parameter that once had a gradient is then stepped with a zero
+gradient in a step that gives it none (the engine's models give every trainable parameter a
+gradient in every step).
 """
 from __future__ import annotations
 
@@ -75,6 +81,19 @@ class FusedTail:
             adamw_tail_(ps, [None] * n, [None] * n, [None] * n, [None] * n, lr=0.0, weight_decay=0.0,
                         betas=(0.9, 0.999), eps=1e-8, targets=ts, target_computes=[tc_of(id(t)) for t in ts],
                         momentum=momentum, found_inf=found_inf, backend=self.backend)
+
+    @torch.no_grad()
+    def zero_grad(self, runner: torch.nn.Module, from_compute: bool) -> None:
+        """After ``step``: the gradients the pass read (``runner``'s, the module that ran the
+        backward pass) zeroed in place and kept; any fp32 master gradients made from them dropped."""
+        grads = [p.grad for p in runner.parameters() if p.grad is not None]
+        if from_compute or self.master is None:
+            if grads:
+                torch._foreach_zero_(grads)
+        else:
+            runner.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _grad(self, p: torch.Tensor, from_compute: bool):
         if not from_compute:

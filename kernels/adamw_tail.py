@@ -18,7 +18,8 @@ non-finite step is skipped on the device without the host reading anything.
 
 Design: the pointer table of ``ema.py``, with seven pointers per tensor (p, g, m, v, c, t, tc);
 one launch per combination of dtypes and of which tensors are present (a plain group: one launch).
-Tables are cached by the tensors' addresses; on CUDA a new table goes up from pinned memory
+The block tables depend on the tensors' sizes only (built once, vectorised); the pointer
+table is cached by the tensors' addresses; on CUDA a new table goes up from pinned memory
 without a host synchronisation. Rounding to bf16 is done on the bits (round to nearest even), so
 the compute copy equals ``p.to(torch.bfloat16)`` exactly, in the interpreter as on a GPU.
 """
@@ -187,7 +188,8 @@ if triton is not None:
 
 
 _TL_DTYPES = {}
-_CACHE: dict = {}
+_CACHE: dict = {}  # pointer tables, by address
+_BLOCKS: dict = {}  # block tables, by size
 
 
 def _tl_dtype(dtype):
@@ -200,32 +202,48 @@ def _tl_dtype(dtype):
     return _TL_DTYPES[dtype]
 
 
-def _upload(values: list[int], dtype, dev: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
+def _upload(host: torch.Tensor, dev: torch.device) -> torch.Tensor:
     if dev.type == "cuda":  # from pinned memory, asynchronously: no host synchronisation
         return host.pin_memory().to(dev, non_blocking=True)
     return host.to(dev)
 
 
+BUILDS = {"blocks": 0, "pointers": 0}  # how many tables were built (tests check that steps reuse them)
+
+
+def _block_tables(sizes: tuple, block: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor of each block, index of the block in its tensor), built once per set of sizes with
+    vectorised torch ops (a ViT-H group has ~300k blocks) and cached: they do not depend on addresses."""
+    key = (block, str(dev), sizes)
+    hit = _BLOCKS.get(key)
+    if hit is None:
+        nblocks = (torch.tensor(sizes, dtype=torch.int64) + block - 1) // block
+        block_tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), nblocks)
+        starts = torch.cumsum(nblocks, 0) - nblocks
+        block_index = torch.arange(int(nblocks.sum()), dtype=torch.int64) - torch.repeat_interleave(starts, nblocks)
+        if len(_BLOCKS) > 16:
+            _BLOCKS.clear()
+        hit = _BLOCKS[key] = (_upload(block_tensor, dev), _upload(block_index.to(torch.int32), dev))
+        BUILDS["blocks"] += 1
+    return hit
+
+
 def _tables(rows, coef_rows, block: int, dev: torch.device):
-    """(pointer table, [size, coefficient row] table, block tensor, block index), cached by address."""
-    key = (block,) + tuple(x.data_ptr() if x is not None else 0 for r in rows for x in r[:4] + r[5:]) \
-        + tuple(r[0].numel() for r in rows) + tuple(coef_rows)
+    """(pointer table, [size, coefficient row] table, block tensor, block index). The pointer table
+    (seven addresses per tensor) is cached by address: with the gradients kept from step to step
+    (``FusedTail.zero_grad``) every step finds it; when addresses change only it is rebuilt."""
+    ptrs = tuple(x.data_ptr() if x is not None else 0 for r in rows for x in r[:4] + r[5:])
+    sizes = tuple(r[0].numel() for r in rows)
+    key = ("pointers", str(dev), ptrs, sizes, tuple(coef_rows))
     hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
-    ptrs = [x.data_ptr() if x is not None else 0 for r in rows for x in r[:4] + r[5:]]
-    sizes = [r[0].numel() for r in rows]
-    meta = [v for n, j in zip(sizes, coef_rows) for v in (n, j)]
-    nblocks = [(n + block - 1) // block for n in sizes]
-    block_tensor = [i for i, nb in enumerate(nblocks) for _ in range(nb)]
-    block_index = [b for nb in nblocks for b in range(nb)]
-    out = (_upload(ptrs, torch.int64, dev), _upload(meta, torch.int64, dev),
-           _upload(block_tensor, torch.int32, dev), _upload(block_index, torch.int32, dev))
-    if len(_CACHE) > 16:
-        _CACHE.clear()
-    _CACHE[key] = out
-    return out
+    if hit is None:
+        if len(_CACHE) > 32:
+            _CACHE.clear()
+        meta = [v for n, j in zip(sizes, coef_rows) for v in (n, j)]
+        hit = _CACHE[key] = (_upload(torch.tensor(ptrs, dtype=torch.int64), dev),
+                             _upload(torch.tensor(meta, dtype=torch.int64), dev))
+        BUILDS["pointers"] += 1
+    return hit + _block_tables(sizes, block, dev)
 
 
 def adamw_tail_triton(entries, coef, *, lr, weight_decay, betas, eps, momentum, grad_scale, found_inf) -> None:
@@ -246,7 +264,9 @@ def adamw_tail_triton(entries, coef, *, lr, weight_decay, betas, eps, momentum, 
         j += g is not None
     dev = entries[0][0].device
     dummy = step_size if step_size is not None else torch.zeros(1, device=dev)
-    block = block_rows(2048, 1 << 20)
+    # under the interpreter one program per tensor, no wider than the largest tensor (numpy work
+    # grows with the block, not with the elements present)
+    block = block_rows(2048, triton.next_power_of_2(max(e[0].numel() for e in entries)))
     decay = 1.0 - lr * weight_decay
     for (adam, gd, cd, td, tcd), (rows, coef_rows) in groups.items():
         ptrs, meta, block_tensor, block_index = _tables(rows, coef_rows, block, dev)

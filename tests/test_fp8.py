@@ -134,3 +134,67 @@ def test_fp8_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import fails as if torchao were absent
     with pytest.raises(ConfigError, match=r"perf\.fp8 needs torchao.*ijepa-fast\[fp8\]"):
         apply(_model(), PerfConfig(fp8="rowwise", fp8_emulate=True), CPU)
+
+
+def _odd_batch(model, batch=3):
+    """A batch whose context token count (the inner dimension of the weight-gradient matmuls) is not
+    a multiple of 16."""
+    for seed in range(50):
+        masks = MultiBlockSampler(model.grid, MaskConfig(min_keep=4), seed=seed).sample(batch, 0)
+        if (batch * masks.context.shape[2]) % 16:
+            return torch.randn(batch, 3, 32, 32), masks
+    raise AssertionError("no mask batch with a token count off the multiples of 16")
+
+
+def test_fp8_pads_token_counts_off_the_multiples_of_16(monkeypatch):
+    """torch._scaled_mm needs inner dimensions that are multiples of 16; the weight gradient's is the
+    token count. Every FP8 layer pads it (torchao's pad_inner_dim): in emulation the padding runs
+    (seen through torchao's pad function) and the loss and gradients stay those of the fp32 step."""
+    pytest.importorskip("torchao.float8")
+    import torchao.float8.float8_ops as ops
+
+    ref = _model()
+    images, masks = _odd_batch(ref)
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    loss0 = ref.loss(images, masks)
+    want = dict(zip(names, torch.autograd.grad(loss0, [p for p in ref.parameters() if p.requires_grad])))
+    model = _model()
+    run, _ = apply(model, PerfConfig(fp8="rowwise", fp8_emulate=True), CPU)
+    layers = [m for m in run.modules() if type(m).__name__ == "Float8Linear"]
+    assert layers and all(m.config.pad_inner_dim for m in layers)
+    padded = []
+    real = ops.pad_tensor_for_matmul
+
+    def spy(tensor, dims):
+        out = real(tensor, dims)
+        padded.append((tensor.shape[dims], out.shape[dims]))
+        return out
+
+    monkeypatch.setattr(ops, "pad_tensor_for_matmul", spy)
+    loss = run.loss(images, masks)
+    loss.backward()
+    odd = [(a, b) for a, b in padded if a % 16]
+    assert odd, f"no inner dimension off the multiples of 16 was padded: {sorted(set(padded))}"
+    assert all(b % 16 == 0 and 0 <= b - a < 16 for a, b in padded)
+    assert _rel(loss.detach(), loss0.detach()) < 2e-3  # bounds of test_fp8_emulated_loss_and_gradients
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert 0.01 < _rel(_cat(got, "encoder."), _cat(want, "encoder.")) < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < fp8.MIN_CAPABILITY,
+                    reason="real FP8 matmuls need a CUDA GPU of compute capability >= 8.9")
+def test_fp8_on_the_gpu_at_a_token_count_off_the_multiples_of_16():
+    pytest.importorskip("torchao.float8")
+    cuda = torch.device("cuda")
+    ref, model = _model().to(cuda), _model().to(cuda)
+    images, masks = _odd_batch(ref)
+    images, masks = images.to(cuda), masks.to(cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss0 = ref.loss(images, masks)
+    run, _ = apply(model, PerfConfig(fp8="rowwise"), cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = run.loss(images, masks)
+    loss.backward()
+    assert torch.isfinite(loss) and _rel(loss.detach().float(), loss0.detach().float()) < 2e-2
+    grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

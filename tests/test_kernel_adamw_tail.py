@@ -1,7 +1,9 @@
 """kernels/adamw_tail.py: the fused AdamW + EMA + compute-copy pass against its reference and
-against torch.optim.AdamW followed by the EMA and a copy."""
+against torch.optim.AdamW followed by the EMA and a copy. Every tensor (step counts and the
+``found_inf`` flag included) lives on the test's device: the CPU under Triton's interpreter, or CUDA."""
 import pytest
 import torch
+from conftest import DEVICE
 from kernel_checks import needs_triton, rand
 
 from ijepa_fast.kernels.adamw_tail import adamw_tail_, adamw_tail_reference
@@ -47,7 +49,7 @@ class Tail:
         self.backend = backend
         self.m = [[torch.zeros_like(p) for p in g] for g in self.groups]
         self.v = [[torch.zeros_like(p) for p in g] for g in self.groups]
-        self.steps = [[torch.tensor(0.0) for _ in g] for g in self.groups]
+        self.steps = [[torch.zeros((), device=DEVICE) for _ in g] for g in self.groups]
         self.c = [[p.bfloat16() for p in g] for g in self.groups]
         self.tc = {k: [t.bfloat16() for t in v] for k, v in self.targets.items()}
         self.frozen_tc = self.frozen[1].bfloat16()
@@ -124,7 +126,8 @@ def test_kernel_adamw_tail_matches_torch_adamw_and_ema(clip):
     for tail in (kernel, ref):
         for g, steps in zip(state[0], tail.steps):  # step counts as torch keeps them (none without a gradient)
             for p, s in zip(g, steps):
-                assert float(s) == float(opt.state[p].get("step", torch.tensor(0.0))), "step count"
+                want = float(opt.state[p].get("step", torch.tensor(0.0)))
+                assert s.device == p.device and float(s) == want, "step count"
         # the compute copies are the rounded masters and targets, exactly
         for g, cs in zip(tail.groups, tail.c):
             for p, c in zip(g, cs):
@@ -147,7 +150,7 @@ def test_kernel_adamw_tail_found_inf_skips_everything(backend):
     steps = [float(s) for g in tail.steps for s in g]
     nan_grads = _grads(state[0])
     nan_grads[0][1][5] = float("nan")
-    tail.step(nan_grads, 1e-3, 0.04, 0.996, found_inf=torch.ones(()))
+    tail.step(nan_grads, 1e-3, 0.04, 0.996, found_inf=torch.ones((), device=DEVICE))
     after = tail.tensors() + [x for g in tail.c for x in g] + [x for v in tail.tc.values() for x in v]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     assert [float(s) for g in tail.steps for s in g] == steps
@@ -155,7 +158,7 @@ def test_kernel_adamw_tail_found_inf_skips_everything(backend):
     twin = Tail(_clone((tail.groups, tail.targets, tail.frozen)), backend)
     twin.m, twin.v = [[x.clone() for x in g] for g in tail.m], [[x.clone() for x in g] for g in tail.v]
     twin.steps = [[s.clone() for s in g] for g in tail.steps]
-    tail.step(grads, 1e-3, 0.04, 0.996, found_inf=torch.zeros(()))
+    tail.step(grads, 1e-3, 0.04, 0.996, found_inf=torch.zeros((), device=DEVICE))
     twin.step(grads, 1e-3, 0.04, 0.996)
     assert all(torch.equal(a, b) for a, b in zip(tail.tensors(), twin.tensors()))
     assert [float(s) for g in tail.steps for s in g] == [s + 1 for s in steps[:3]] + [steps[3]] + \
@@ -163,10 +166,10 @@ def test_kernel_adamw_tail_found_inf_skips_everything(backend):
 
 
 def test_kernel_adamw_tail_checks_its_inputs():
-    p = rand(5)
+    p, zeros, step = rand(5), torch.zeros(5, device=DEVICE), torch.zeros((), device=DEVICE)
     with pytest.raises(ValueError, match="paired with"):
-        adamw_tail_([p], [rand(6)], [torch.zeros(5)], [torch.zeros(5)], [torch.tensor(0.0)], lr=1e-3,
+        adamw_tail_([p], [rand(6)], [zeros], [zeros.clone()], [step], lr=1e-3,
                     weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, backend="triton")
     with pytest.raises(TypeError, match="fp32"):
-        adamw_tail_([p.bfloat16()], [rand(5)], [torch.zeros(5)], [torch.zeros(5)], [torch.tensor(0.0)], lr=1e-3,
+        adamw_tail_([p.bfloat16()], [rand(5)], [zeros], [zeros.clone()], [step], lr=1e-3,
                     weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, backend="triton")
