@@ -17,7 +17,7 @@ dependencies = ["torch"]
 
 def encoder(checkpoint, which: str = "target_encoder", num_heads: int | None = None, **kw):
     """The encoder of any I-JEPA checkpoint, its architecture read off the weights."""
-    from ijepa_fast.checkpoint import encoder_from_checkpoint
+    from ijepa_fast.checkpoint.format import encoder_from_checkpoint
 
     return encoder_from_checkpoint(checkpoint, which, num_heads, **kw).eval()
 

@@ -36,7 +36,7 @@ def main(run_dir: str) -> None:
     import torch
 
     from ijepa_fast import encoder_from_checkpoint
-    from ijepa_fast.checkpoint import read_checkpoint
+    from ijepa_fast.checkpoint.format import read_checkpoint
 
     ckpt = read_checkpoint(run / "jepa-latest.pth.tar")
     step = ckpt["ijepa_fast"]["step"]

@@ -77,13 +77,13 @@ def run_recipe(name, overrides, seed, workdir, images, labels, threads, device="
                probes=("target", "context", "random", "pixels")):
     import torch
 
-    from ijepa_fast.checkpoint import models_from_checkpoint
+    from ijepa_fast.checkpoint.format import models_from_checkpoint
     from ijepa_fast.config import load_config
     from ijepa_fast.data.digits import DigitsImages
     from ijepa_fast.eval import collapse_stats, effective_rank, knn_probe
     from ijepa_fast.model import IJEPA
-    from ijepa_fast.runlog import read_metrics
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.runlog.output import read_metrics
+    from ijepa_fast.training.trainer import Trainer
 
     tr, te = split(seed)
     run_dir = Path(workdir) / f"{name}-split{seed}"

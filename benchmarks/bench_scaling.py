@@ -61,7 +61,7 @@ WORKER = r'''
 import json, os, sys, time, torch
 sys.path.append({root!r})  # the checkout, where nothing is installed
 from ijepa_fast.config import load_config
-from ijepa_fast.train import Trainer
+from ijepa_fast.training.trainer import Trainer
 from ijepa_fast import distributed
 cfg = load_config("demo_cpu", {overrides!r})
 t = Trainer(cfg)

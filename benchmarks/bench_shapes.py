@@ -18,10 +18,10 @@ from common import emit
 
 
 def buckets_table(args) -> None:
-    from ijepa_fast.buckets import apply, padding_fraction, shape_key
     from ijepa_fast.config import MaskConfig
     from ijepa_fast.masks import MultiBlockSampler
-    from ijepa_fast.packing import pack
+    from ijepa_fast.perf.buckets import apply, padding_fraction, shape_key
+    from ijepa_fast.perf.packing import pack
 
     grid = (args.img // args.patch,) * 2
     for mode in ("reference", "default"):
@@ -37,10 +37,10 @@ def buckets_table(args) -> None:
 
 
 def memory_table(args) -> None:
+    from ijepa_fast.bench.saved_memory import per_token_bytes
     from ijepa_fast.config import MaskConfig
     from ijepa_fast.masks import MultiBlockSampler
     from ijepa_fast.models.vit import VIT_SIZES
-    from ijepa_fast.saved_memory import per_token_bytes
 
     enc = VIT_SIZES[args.model]
     grid = (args.img // args.patch,) * 2

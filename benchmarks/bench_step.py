@@ -5,7 +5,7 @@
                                     [--reference] [--out F.jsonl] [--md F.md]
     python benchmarks/bench_step.py --report F.jsonl [G.jsonl ...] --md F.md   # the page from rows measured
 
-One JSON object per line (see ijepa_fast/bench.py for every field): images/s, tokens/s, model
+One JSON object per line (see ijepa_fast/bench/step.py for every field): images/s, tokens/s, model
 TFLOP/s and MFU against the bf16 matmul peak measured in the same run and against the card's spec
 peak, peak memory, projected GPU-hours for the published recipes of that model. ``--paths``:
 ``plain`` (the reference-equivalent step, ``perf.preset=plain``), ``fast`` (the perf defaults, bf16 on
@@ -16,7 +16,7 @@ paths and the ``--perf`` variants are extra rows. With ``--reference`` and the
 released implementation in .bench_ref (shared/anchors/README.md), the released step is timed in
 the same run, fed ijepa-fast's reference-mode masks at the same seed, warm-up and steps
 (``benchmarks/reference_equal_work.py``), so that it and our reference-mask rows process the same
-tokens; ``--reference-masks own`` lets it draw its own. The markdown page (``ijepa_fast.bench_report``)
+tokens; ``--reference-masks own`` lets it draw its own. The markdown page (``ijepa_fast.bench.report``)
 has the table, the throughput goals (met / not met / not measured) and the GPU-hours per recipe;
 rows are grouped by ``run_id`` ($BENCH_RUN_ID, or one per process) and a page shows one run.
 """
@@ -79,7 +79,7 @@ def newest_run(path) -> list[dict]:
 def report(paths, md, command):
     """Write the page from the newest run's rows of each JSON-lines file, merged (two commands of
     one GPU window, each with its own file, make one page)."""
-    from ijepa_fast.bench_report import step_report
+    from ijepa_fast.bench.report import step_report
 
     rows = [r for path in paths for r in newest_run(path)]
     peaks = [r["tflops_bf16_8192"] for r in rows if r.get("bench") == "matmul_peak"]
@@ -136,7 +136,7 @@ def main():
 
     import torch
 
-    from ijepa_fast.bench import BenchSpec, matmul_peak_tflops, run
+    from ijepa_fast.bench.step import BenchSpec, matmul_peak_tflops, run
 
     device = torch.device(args.device)
     env = {**environment(args.device), "run_id": RUN_ID}
@@ -172,7 +172,7 @@ def main():
                 rows.append(row)
                 emit(row, args.out)
     if args.md and rows:
-        from ijepa_fast.bench_report import step_report
+        from ijepa_fast.bench.report import step_report
 
         with open(args.md, "w") as f:
             f.write(step_report([r for r in rows if r["bench"] == "step"],

@@ -187,11 +187,11 @@ def run_tests(win: Window, rehearse: bool) -> None:
 
 @contextmanager
 def built_on(device: str):
-    """``IJEPA.build`` (as ``ijepa_fast.bench`` calls it) initialises the model on ``device``:
+    """``IJEPA.build`` (as ``ijepa_fast.bench.step`` calls it) initialises the model on ``device``:
     building ViT-H on the host takes a minute, on a GPU about a second."""
     import torch
 
-    from ijepa_fast import bench
+    from ijepa_fast.bench import step as bench
 
     real = bench.IJEPA.build
 
@@ -212,7 +212,7 @@ def run_steps(win: Window, models: list[Model], steps: int, warmup: int, peak: f
     """The released step's row and ours, variant by variant (MFU against ``peak``)."""
     from bench_step import reference_rows
 
-    from ijepa_fast.bench import BenchSpec, run
+    from ijepa_fast.bench.step import BenchSpec, run
 
     for m in models:
         what = {"bench": "reference_step", "model": m.model, "patch": m.patch, "batch": m.batch,
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     if {"step", "fp8"} & set(stages):
         import torch
 
-        from ijepa_fast.bench import matmul_peak_tflops
+        from ijepa_fast.bench.step import matmul_peak_tflops
 
         peak = matmul_peak_tflops(torch.device(device))
         if peak:

@@ -24,9 +24,9 @@ import torch
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
 from ijepa_fast.model import IJEPA
-from ijepa_fast.perf import MasterWeights
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import make_optimizer, train_step
+from ijepa_fast.perf.switches import MasterWeights
+from ijepa_fast.training.schedules import Schedules
+from ijepa_fast.training.step import make_optimizer, train_step
 
 PATHS = ("lean", "autocast")
 MODEL = dict(img_size=64, patch_size=4, embed_dim=192, depth=6, num_heads=3, pred_dim=96, pred_depth=3)

@@ -5,14 +5,14 @@
                                       [--device cuda] [--out F.jsonl] [--md F.md] [--plant-sync]
                                       [--perf optimizer=fused_tail,token_buckets=4]
 
-The step is built as ``ijepa_fast/bench.py`` builds it, by ``Engine.from_config``: with
+The step is built as ``ijepa_fast/bench/step.py`` builds it, by ``Engine.from_config``: with
 ``--path fast`` the step ``ijepa-fast train`` runs with the recipe as shipped (every perf switch
 'auto': on CUDA bf16 compute weights, per-block torch.compile with token buckets, the Triton
 kernels, fused AdamW), ``--path plain`` the plain step. After the warm-up, each of ``--steps`` steps runs under
 torch.profiler and prints one line: device time by category (GEMM, attention, the engine's Triton
 ops, optimiser and EMA, copies, other kernels, which includes torch.compile's fused kernels), the
 synchronisation events the profiler saw (CUDA), new torch.compile compilations and graph breaks,
-and allocator retries (CUDA). One more step then runs under ``ijepa_fast.profiling.count_host_syncs``
+and allocator retries (CUDA). One more step then runs under ``ijepa_fast.bench.profiling.count_host_syncs``
 (and, on CUDA, ``torch.cuda.set_sync_debug_mode('warn')``): its host synchronisations, with the
 source line of each. Without CUDA the "device" times are the CPU ops' own times.
 
@@ -92,12 +92,12 @@ def sync_events(events) -> dict:
 
 
 def build(args, device):
-    """The step ``ijepa_fast.bench.build_step`` builds (the one ``bench`` times), with the EMA named
+    """The step ``ijepa_fast.bench.step.build_step`` builds (the one ``bench`` times), with the EMA named
     in the profile and, on request, a planted host sync."""
     import torch
     from bench_step import parse_variant
 
-    from ijepa_fast.bench import BenchSpec, build_step
+    from ijepa_fast.bench.step import BenchSpec, build_step
     from ijepa_fast.config import MaskConfig
 
     spec = BenchSpec(model=args.model, patch=args.patch, img=args.img, batch=args.batch, pred_depth=args.pred_depth,
@@ -146,8 +146,8 @@ def main():
     from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile
 
-    from ijepa_fast.bench import check_model
-    from ijepa_fast.profiling import count_host_syncs
+    from ijepa_fast.bench.profiling import count_host_syncs
+    from ijepa_fast.bench.step import check_model
 
     check_model(args.model)
     device = torch.device(args.device)
@@ -202,7 +202,7 @@ def main():
         where = "; ".join(f"{n} x {k}" for k, n in syncs.by_location().items()) or "none"
         notes = (f"{args.model} patch {args.patch} at {args.img}px, batch {args.batch}, {args.masks} masks, "
                  f"{args.path} path (kernels {model.kernels}, layout {model.layout}). Host synchronisations in one "
-                 f"more step (ijepa_fast.profiling): {syncs.total} ({where}).")
+                 f"more step (ijepa_fast.bench.profiling): {syncs.total} ({where}).")
         write_markdown(args.md, "Profile of the training step", "python benchmarks/profile_step.py", table, cols,
                        notes)
 

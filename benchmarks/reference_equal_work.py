@@ -9,7 +9,7 @@ released sampler's semantics (one block size per batch, the exclusive corner bou
 truncated to the batch minimum) but its own seeded random stream (drawn here by the Python
 sampler, which gives the same masks as the compiled one). Batch ``s`` of the script's
 pool is ``MultiBlockSampler(grid, MaskConfig(mode="reference"), seed).sample(batch, s)``, exactly
-the batches ``ijepa_fast.bench.run`` times at the same seed, warm-up and step count, so the
+the batches ``ijepa_fast.bench.step.run`` times at the same seed, warm-up and step count, so the
 released step and ours process the same context and target tokens in every timed step. Every
 JSON line the script prints gains ``"masks"``: ``"ijepa-fast reference mode"``, or ``"released
 collator"`` with ``--own-masks`` (the script as it ships). The released models are built directly
@@ -25,7 +25,7 @@ import sys
 
 from common import ROOT
 
-from ijepa_fast.bench_report import EQUAL_MASKS
+from ijepa_fast.bench.report import EQUAL_MASKS
 
 
 def collator(seed: int):
@@ -66,7 +66,7 @@ def on_device(build, device: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
-    p.add_argument("--seed", type=int, default=0, help="the mask seed of ijepa_fast.bench (0)")
+    p.add_argument("--seed", type=int, default=0, help="the mask seed of ijepa_fast.bench.step (0)")
     p.add_argument("--own-masks", action="store_true", help="keep the released collator (not equal work)")
     p.add_argument("--script", default=str(ROOT / ".bench_ref" / "reference_step.py"))
     p.add_argument("--device", default="cuda")

@@ -10,26 +10,34 @@ Library use (see README "Use from your own trainer")::
 from __future__ import annotations
 
 import importlib
+import sys
+
+from ._aliases import MovedModules
 
 __version__ = "0.1.0"
 
+if not any(isinstance(f, MovedModules) for f in sys.meta_path):
+    sys.meta_path.append(MovedModules())
 
-_EXPORTS = {
-    "IJEPA": "model", "jepa_loss": "model", "make_optimizer": "step", "param_groups": "step",
-    "train_step": "step", "StepResult": "step",
+
+_EXPORTS = {  # name -> the module it lives in, imported on first use
+    "IJEPA": "model", "jepa_loss": "model",
+    "make_optimizer": "training.step", "param_groups": "training.step", "train_step": "training.step",
+    "StepResult": "training.step",
     "MaskBatch": "masks", "MultiBlockSampler": "masks", "MaskCollator": "masks",
-    "Schedules": "schedules", "warmup_cosine_lr": "schedules", "cosine_weight_decay": "schedules",
-    "ema_momentum": "schedules",
+    "Schedules": "training.schedules", "warmup_cosine_lr": "training.schedules",
+    "cosine_weight_decay": "training.schedules", "ema_momentum": "training.schedules",
     "Config": "config", "ModelConfig": "config", "DataConfig": "config", "MaskConfig": "config",
-    "OptimConfig": "config", "RunConfig": "config", "load_config": "config",
+    "OptimConfig": "config", "RunConfig": "config", "load_config": "config", "PerfConfig": "config",
     "IJEPAFastError": "errors", "ConfigError": "errors", "CheckpointError": "errors", "DataError": "errors",
     "TrainingStopped": "errors",
     "VisionTransformer": "models", "VisionTransformerPredictor": "models", "build_encoder": "models",
     "build_predictor": "models",
-    "load_strict": "checkpoint", "read_checkpoint": "checkpoint", "save_atomic": "checkpoint",
-    "encoder_from_checkpoint": "checkpoint", "models_from_checkpoint": "checkpoint",
-    "export_safetensors": "checkpoint",
-    "Trainer": "train", "train": "train", "Engine": "engine", "PerfConfig": "config",
+    "load_strict": "checkpoint.format", "read_checkpoint": "checkpoint.format", "save_atomic": "checkpoint.format",
+    "encoder_from_checkpoint": "checkpoint.format", "models_from_checkpoint": "checkpoint.format",
+    "export_safetensors": "checkpoint.format",
+    "Trainer": "training.trainer", "train": "training.trainer",
+    "Engine": "training.engine",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -79,9 +79,9 @@ def cmd_train(args) -> int:
     import shlex
     import time
 
-    from .run_folder import written_since
-    from .runlog import Heartbeat
-    from .train import Trainer, run_trainer
+    from .runlog.output import Heartbeat
+    from .training.run_folder import written_since
+    from .training.trainer import Trainer, run_trainer
 
     t0 = time.time()
     first = os.environ.get("RANK", "0") == "0"
@@ -158,7 +158,7 @@ def cmd_config(args) -> int:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .interop import export_encoder
+    from .interop.export import export_encoder
 
     _positive(args.num_heads, "--num-heads")
     if args.format == "safetensors" and Path(args.out).suffix != ".safetensors":
@@ -175,7 +175,7 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from pathlib import Path
 
-    from .interop_import import import_encoder
+    from .interop.importer import import_encoder
 
     for flag in ("num_heads", "pred_depth", "pred_dim", "pred_heads"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
@@ -196,7 +196,7 @@ def cmd_import(args) -> int:
 def cmd_bench(args) -> int:
     if args.report:
         return _bench_report(args)
-    from .bench import PUBLISHED_BATCH
+    from .bench.step import PUBLISHED_BATCH
     from .models import VIT_SIZES
 
     if args.model not in VIT_SIZES:
@@ -212,7 +212,7 @@ def cmd_bench(args) -> int:
     if batch > 4096:
         raise ConfigError(f"--batch {batch}: more than 4096 images per step will not fit one device; lower it")
     _device(args)
-    from .bench import run_command
+    from .bench.step import run_command
 
     return run_command(args)
 
@@ -226,7 +226,7 @@ def _check_input(path, what: str) -> None:
 
 def _bench_report(args) -> int:
     """``bench --report A.jsonl B.jsonl ...``: runs of several cards or commits on one page and chart."""
-    from .bench_compare import merge_reports, write_report
+    from .bench.compare import merge_reports, write_report
 
     rows = merge_reports(args.report)
     if not rows:
@@ -240,7 +240,7 @@ def _bench_report(args) -> int:
 def _encoder(args):
     """The checkpoint's encoder, read once per command (probe uses it for both splits); ``args.img``
     defaults to the resolution it was trained at."""
-    from .checkpoint import encoder_from_checkpoint
+    from .checkpoint.format import encoder_from_checkpoint
 
     if getattr(args, "encoder", None) is None:
         args.encoder = encoder_from_checkpoint(args.checkpoint, args.which, args.num_heads)

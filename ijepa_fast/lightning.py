@@ -26,13 +26,13 @@ import copy
 
 import torch
 
-from .checkpoint import rng_state, set_rng_state
+from .checkpoint.format import rng_state, set_rng_state
 from .config import MaskConfig, PerfConfig
-from .engine import Engine
 from .errors import ConfigError
 from .masks import MaskBatch, MaskCollator, MultiBlockSampler
 from .model import IJEPA
-from .schedules import Schedules
+from .training.engine import Engine
+from .training.schedules import Schedules
 
 try:
     import lightning.pytorch as pl
@@ -143,7 +143,7 @@ class IJEPAModule(pl.LightningModule):
 
     # -- checkpoints: Lightning saves weights (target encoder included), optimiser and loop state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        blocks = self.model.predictor.predictor_blocks  # head counts: not in the weights, read by checkpoint.py
+        blocks = self.model.predictor.predictor_blocks  # head counts: not in the weights, read by checkpoint/format.py
         checkpoint["ijepa_fast"] = {"rng": rng_state(), "sampler": {"seed": self.seed, "mode": self.mask_cfg.mode},
                                     "num_heads": self.model.encoder.num_heads,
                                     "pred_heads": blocks[0].attn.num_heads if len(blocks) else None}

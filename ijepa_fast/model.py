@@ -15,7 +15,6 @@ import copy
 import torch
 import torch.nn as nn
 
-from . import buckets
 from ._compat import keyword_only
 from .kernels.dispatch import BACKENDS
 from .kernels.ema import ema_update_
@@ -27,7 +26,8 @@ from .models import VisionTransformer, VisionTransformerPredictor, build_encoder
 from .models.layers import Attention, reinit_linear_and_norm
 from .models.varlen import BACKENDS as VARLEN_BACKENDS
 from .models.varlen import available as varlen_available
-from .packing import PackedMasks, pack
+from .perf import buckets
+from .perf.packing import PackedMasks, pack
 
 LAYOUTS = ("auto", "padded", "packed")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from ijepa_fast.batching import batch_warning, plan_batch, with_plan
 from ijepa_fast.config import load_config
 from ijepa_fast.errors import ConfigError
+from ijepa_fast.training.batching import batch_warning, plan_batch, with_plan
 
 
 def _plan(world, *overrides):

@@ -7,7 +7,7 @@ import sys
 import torch
 from conftest import ROOT
 
-from ijepa_fast.bench_report import (
+from ijepa_fast.bench.report import (
     EQUAL_MASKS,
     SPEC_PEAK_TFLOPS,
     add_spec_mfu,
@@ -111,14 +111,14 @@ def test_fp8_quality_gate():
 
 
 def test_released_step_collator_draws_our_bench_masks():
-    """benchmarks/reference_equal_work.py feeds the released step the masks ijepa_fast.bench times."""
+    """benchmarks/reference_equal_work.py feeds the released step the masks ijepa_fast.bench.step times."""
     mod = _load("reference_equal_work")
     seed = random.randrange(1000)
     # the released script's collator arguments
     coll = mod.collator(seed)(input_size=(224, 224), patch_size=16, pred_mask_scale=(0.15, 0.2),
                               enc_mask_scale=(0.85, 1.0), aspect_ratio=(0.75, 1.5), nenc=1, npred=4,
                               allow_overlap=False, min_keep=10)
-    ours = MultiBlockSampler((14, 14), MaskConfig(mode="reference"), seed=seed)  # as ijepa_fast.bench draws
+    ours = MultiBlockSampler((14, 14), MaskConfig(mode="reference"), seed=seed)  # as ijepa_fast.bench.step draws
     for step in range(3):
         _, enc, pred = coll([torch.zeros(1)] * 8)
         want = ours.sample(8, step)
@@ -146,7 +146,7 @@ def test_goal_takes_the_fastest_variant_that_passes_its_checks():
 def test_bench_run_takes_perf_variants_on_the_cpu():
     """``BenchSpec.perf``: a fast-path variant (the fused tail, without host syncs) runs and is named
     in the row; its loss equals the plain foreach AdamW step's on the same masks and images."""
-    from ijepa_fast.bench import BenchSpec, run
+    from ijepa_fast.bench.step import BenchSpec, run
 
     base = dict(model="vit_tiny", patch=16, img=224, batch=2, pred_depth=1, mask_mode="reference", steps=2,
                 warmup=1, device="cpu")

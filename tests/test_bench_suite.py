@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-from ijepa_fast.bench import PUBLISHED_BATCH
-from ijepa_fast.bench_compare import markdown_page, merge_reports, write_report
-from ijepa_fast.bench_report import PUBLISHED_HOURS, RECIPE_GPUS, RECIPES, gpu_hours, recipe_hours
-from ijepa_fast.bench_suite import SuiteEntry, config_hash, read_suite, row_metadata, run_suite, window_stats
+from ijepa_fast.bench.compare import markdown_page, merge_reports, write_report
+from ijepa_fast.bench.report import PUBLISHED_HOURS, RECIPE_GPUS, RECIPES, gpu_hours, recipe_hours
+from ijepa_fast.bench.step import PUBLISHED_BATCH
+from ijepa_fast.bench.suite import SuiteEntry, config_hash, read_suite, row_metadata, run_suite, window_stats
 from ijepa_fast.cli import main
 from ijepa_fast.config import load_config
 from ijepa_fast.errors import ConfigError

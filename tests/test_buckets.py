@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from ijepa_fast import buckets
-from ijepa_fast.buckets import bucket, bucket_packed, bucket_padded, shape_key
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
 from ijepa_fast.model import IJEPA
-from ijepa_fast.packing import PackedMasks, pack
+from ijepa_fast.perf import buckets
+from ijepa_fast.perf.buckets import bucket, bucket_packed, bucket_padded, shape_key
+from ijepa_fast.perf.packing import PackedMasks, pack
 
 
 def _model(**kw):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import GOLDEN
 
-from ijepa_fast.checkpoint import (
+from ijepa_fast.checkpoint.format import (
     CheckpointError,
     add_prefix,
     encoder_from_checkpoint,
@@ -157,7 +157,7 @@ def test_checkpoint_never_unpickles_arbitrary_objects(tmp_path):
     a CheckpointError before it can run, by every command that reads checkpoints."""
     from conftest import run_cli
 
-    from ijepa_fast.checkpoint import read_checkpoint
+    from ijepa_fast.checkpoint.format import read_checkpoint
 
     marker = tmp_path / "ran"
     bad = tmp_path / "hostile.pth.tar"

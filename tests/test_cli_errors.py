@@ -35,7 +35,7 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def odd_width_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint in the published layout whose width (40) is no standard ViT's: its head count is unknown."""
-    from ijepa_fast.checkpoint import add_prefix, save_atomic
+    from ijepa_fast.checkpoint.format import add_prefix, save_atomic
     from ijepa_fast.model import IJEPA
 
     m = IJEPA.build("custom", img_size=32, patch_size=8, pred_depth=1, pred_dim=16, embed_dim=40, depth=2, num_heads=4)

@@ -154,7 +154,7 @@ def test_shards_command(tmp_path):
 def test_shards_extract_features_equal_the_folder(tmp_path):
     from conftest import GOLDEN
 
-    from ijepa_fast.checkpoint import encoder_from_checkpoint
+    from ijepa_fast.checkpoint.format import encoder_from_checkpoint
     from ijepa_fast.data import open_images
     from ijepa_fast.eval import extract
 

@@ -2,7 +2,7 @@
 and at the end every file the run wrote."""
 from conftest import run_cli
 
-from ijepa_fast.runlog import Heartbeat, Progress, _console
+from ijepa_fast.runlog.output import Heartbeat, Progress, _console
 
 
 class Clock:

@@ -27,8 +27,8 @@ def torchrun(nproc, *args, cwd=None, timeout=600):
 
 
 def weights(path):
-    from ijepa_fast.checkpoint import consolidate
-    from ijepa_fast.train_state import is_sharded
+    from ijepa_fast.checkpoint.format import consolidate
+    from ijepa_fast.checkpoint.run_files import is_sharded
 
     ckpt = consolidate(path) if is_sharded(path) else torch.load(path, weights_only=True)
     return {f"{part}.{k}": v for part in ("encoder", "predictor", "target_encoder") for k, v in ckpt[part].items()}
@@ -80,7 +80,7 @@ def test_distributed_accumulation_under_ddp_equals_one_process(one_process, tmp_
 
 def _initial_weights(tmp_path):
     from ijepa_fast.config import load_config
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.training.trainer import Trainer
 
     t = Trainer(load_config("demo_cpu", TINY + ["data.batch_size=8", f"run.dir={tmp_path / 'init'}"]))
     return {f"{part}.module.{k}": v.clone() for part in ("encoder", "predictor", "target_encoder")
@@ -115,7 +115,7 @@ def test_distributed_bf16_weights_under_ddp_equal_one_process(one_process, tmp_p
 REDUCE_WORKER = """
 import sys, torch
 from ijepa_fast.config import load_config
-from ijepa_fast.train import Trainer
+from ijepa_fast.training.trainer import Trainer
 t = Trainer(load_config("demo_cpu", sys.argv[1:]))
 name = "predictor.predictor_blocks.0.mlp.fc1.bias"
 value = 1.0 if t.rank == 0 else 2.0 ** -9
@@ -204,7 +204,7 @@ def test_resume_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(tmp_path)
 
 def _nan_trainer(tmp_path, policy, nan_steps):
     from ijepa_fast.config import load_config
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.training.trainer import Trainer
 
     cfg = load_config("demo_cpu", TINY + ["data.batch_size=8", "run.checkpoint_every=2", f"run.dir={tmp_path}",
                                           f"optim.on_nonfinite={policy}", "run.max_steps=8"])
@@ -220,7 +220,7 @@ def _nan_trainer(tmp_path, policy, nan_steps):
 
 
 def test_distributed_injected_nan_stops_cleanly_with_the_last_good_checkpoint(tmp_path):
-    from ijepa_fast.train import TrainingStopped
+    from ijepa_fast.training.trainer import TrainingStopped
 
     trainer = _nan_trainer(tmp_path, "stop", {5})
     with pytest.raises(TrainingStopped, match="loss is nan at step 5"):
@@ -232,7 +232,7 @@ def test_distributed_injected_nan_stops_cleanly_with_the_last_good_checkpoint(tm
 
 def test_distributed_nonfinite_gradient_stops_cleanly_with_the_last_good_checkpoint(tmp_path):
     """A finite loss with an infinite gradient is stopped like a NaN loss, before any update."""
-    from ijepa_fast.train import TrainingStopped
+    from ijepa_fast.training.trainer import TrainingStopped
 
     trainer = _nan_trainer(tmp_path, "stop", set())
     param = trainer.model.predictor.predictor_blocks[0].mlp.fc1.weight
@@ -255,7 +255,7 @@ def test_distributed_skip_policy_skips_nonfinite_steps(tmp_path):
 
 
 def test_distributed_launch_environment_parsing(monkeypatch):
-    from ijepa_fast.distributed import first_host, read_env
+    from ijepa_fast.training.distributed import first_host, read_env
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR"):
         monkeypatch.delenv(k, raising=False)
@@ -280,7 +280,7 @@ def test_distributed_sharded_checkpoint_exports_and_extracts(tmp_path):
     run_cli("export", tmp_path / "fsdp" / "jepa-latest.dcp", tmp_path / "enc.safetensors")
     from safetensors.torch import load_file
 
-    from ijepa_fast.checkpoint import encoder_from_checkpoint
+    from ijepa_fast.checkpoint.format import encoder_from_checkpoint
 
     state = load_file(str(tmp_path / "enc.safetensors"))
     enc = encoder_from_checkpoint(tmp_path / "fsdp" / "jepa-latest.dcp")

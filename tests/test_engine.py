@@ -7,7 +7,7 @@ import torch
 
 from ijepa_fast import IJEPA, Engine, MaskConfig, PerfConfig, Schedules
 from ijepa_fast.masks import MultiBlockSampler
-from ijepa_fast.step import make_optimizer, train_step
+from ijepa_fast.training.step import make_optimizer, train_step
 
 SCHED = Schedules(steps_per_epoch=4, epochs=2, warmup=1, start_lr=1e-4, lr=1e-3, final_lr=1e-6)
 MASKS = MaskConfig(min_keep=4)

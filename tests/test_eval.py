@@ -6,7 +6,7 @@ import torch
 from conftest import GOLDEN, run_cli
 from PIL import Image
 
-from ijepa_fast.checkpoint import encoder_from_checkpoint
+from ijepa_fast.checkpoint.format import encoder_from_checkpoint
 from ijepa_fast.eval import (
     attentive_probe,
     collapse_stats,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ijepa_fast.checkpoint import add_prefix, save_atomic
+from ijepa_fast.checkpoint.format import add_prefix, save_atomic
 from ijepa_fast.cli import main
 from ijepa_fast.data.demo import DemoImages
 from ijepa_fast.eval import encode, extract, load

@@ -4,15 +4,15 @@ checkpoint format."""
 import pytest
 import torch
 
-from ijepa_fast import fp8
-from ijepa_fast.checkpoint import load_training_checkpoint, save_atomic, training_checkpoint
+from ijepa_fast.checkpoint.format import load_training_checkpoint, save_atomic, training_checkpoint
 from ijepa_fast.config import MaskConfig, PerfConfig, load_config
 from ijepa_fast.errors import ConfigError
 from ijepa_fast.masks import MultiBlockSampler
 from ijepa_fast.model import IJEPA
-from ijepa_fast.perf import apply
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import make_optimizer, train_step
+from ijepa_fast.perf import fp8
+from ijepa_fast.perf.switches import apply
+from ijepa_fast.training.schedules import Schedules
+from ijepa_fast.training.step import make_optimizer, train_step
 
 CPU = torch.device("cpu")
 

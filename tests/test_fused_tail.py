@@ -10,10 +10,10 @@ import torch
 from conftest import DEVICE
 from test_perf import _batch, _model
 
-from ijepa_fast.perf import MasterWeights
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import make_optimizer, read_results, train_step
-from ijepa_fast.tail import FusedTail
+from ijepa_fast.perf.switches import MasterWeights
+from ijepa_fast.perf.tail import FusedTail
+from ijepa_fast.training.schedules import Schedules
+from ijepa_fast.training.step import make_optimizer, read_results, train_step
 
 SCHED = Schedules(steps_per_epoch=4, epochs=2, warmup=0.5)
 # On the CPU the plain tail and torch's AdamW agree bit for bit; on CUDA the backward pass may add in
@@ -180,7 +180,7 @@ def test_fused_tail_trainer_deferred_nan_stops_with_the_last_good_checkpoint(tmp
     from test_distributed import TINY
 
     from ijepa_fast.config import load_config
-    from ijepa_fast.train import Trainer, TrainingStopped
+    from ijepa_fast.training.trainer import Trainer, TrainingStopped
 
     cfg = load_config("demo_cpu", TINY + ["data.batch_size=8", "run.checkpoint_every=4", "run.log_every=3",
                                           f"run.dir={tmp_path}", "run.max_steps=12", "perf.bf16_weights=true",
@@ -212,7 +212,7 @@ def test_fused_tail_deferred_step_has_no_host_sync(layout):
     """The whole lean step (forward, backward, norm, finiteness, AdamW, EMA, bf16 refresh) with the
     fused tail and ``sync=False`` reads nothing back; the synchronous step reads once (its loss and
     gradient norm: a ``tolist`` of device tensors, counted on the CPU as on a GPU)."""
-    from ijepa_fast.profiling import count_host_syncs
+    from ijepa_fast.bench.profiling import count_host_syncs
 
     lean = _lean("reference")
     model, mw, opt, tail = lean

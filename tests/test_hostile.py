@@ -303,7 +303,7 @@ def test_hostile_table_is_at_least_sixty_cases():
 def test_config_warnings_name_the_key():
     """Values a user could mean are warned about, naming the key and why."""
     from ijepa_fast.config import load_config
-    from ijepa_fast.config_validate import config_warnings
+    from ijepa_fast.config.validate import config_warnings
 
     cfg = load_config("demo_cpu", [f"run.threads={10 * (os.cpu_count() or 1)}", "optim.final_lr=0.5",
                                    "model.mlp_ratio=0.5", "mask.num_targets=20"])
@@ -431,7 +431,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
 def test_trainer_run_gives_the_lock_back(world, tmp_path):
     """A library user's Trainer(cfg).run(), twice in one process on one folder: the second continues the run."""
     from ijepa_fast.config import load_config
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.training.trainer import Trainer
 
     run = _copy(world / "run", tmp_path / "run")
     for steps in (5, 6):

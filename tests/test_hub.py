@@ -5,7 +5,7 @@ import torch
 from conftest import ROOT
 
 from ijepa_fast import IJEPA, CheckpointError, encoder_from_checkpoint
-from ijepa_fast.checkpoint import add_prefix
+from ijepa_fast.checkpoint.format import add_prefix
 from ijepa_fast.models import build_encoder
 
 pytestmark = pytest.mark.skipif(not (ROOT / "hubconf.py").is_file(),

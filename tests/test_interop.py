@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ijepa_fast.checkpoint import (
+from ijepa_fast.checkpoint.format import (
     CheckpointError,
     add_prefix,
     encoder_from_checkpoint,
@@ -41,8 +41,8 @@ from ijepa_fast.checkpoint import (
     strip_prefix,
 )
 from ijepa_fast.cli import main
-from ijepa_fast.interop import export_encoder, from_hf, to_hf
-from ijepa_fast.interop_import import import_encoder
+from ijepa_fast.interop.export import export_encoder, from_hf, to_hf
+from ijepa_fast.interop.importer import import_encoder
 from ijepa_fast.model import IJEPA
 
 
@@ -227,7 +227,7 @@ def test_interop_hf_keys_round_trip_and_split_qkv():
 
 
 def test_interop_cli_export_import_and_continue_training(tmp_path, tiny_cfg):
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.training.trainer import Trainer
 
     m = IJEPA.from_config(tiny_cfg)
     _, ckpt = checkpoint(tmp_path, m)
@@ -249,7 +249,8 @@ def test_interop_cli_export_import_and_continue_training(tmp_path, tiny_cfg):
 def test_interop_needs_neither_timm_nor_transformers(tmp_path):
     _, ckpt = checkpoint(tmp_path)
     code = ("import sys; sys.modules['timm'] = sys.modules['transformers'] = sys.modules['torchvision'] = None\n"
-            "from ijepa_fast.interop import export_encoder\nfrom ijepa_fast.interop_import import import_encoder\n"
+            "from ijepa_fast.interop.export import export_encoder\n"
+            "from ijepa_fast.interop.importer import import_encoder\n"
             f"for f in ('timm', 'hf'):\n"
             f"    out, _ = export_encoder({str(ckpt)!r}, {str(tmp_path)!r} + '/' + f, format=f)\n"
             f"    import_encoder(out, {str(tmp_path)!r} + '/i.pth.tar')\nprint('ok')\n")

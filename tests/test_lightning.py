@@ -10,7 +10,7 @@ pl = pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is not i
 from ijepa_fast import IJEPA, MaskConfig, Schedules  # noqa: E402
 from ijepa_fast.lightning import IJEPAModule  # noqa: E402
 from ijepa_fast.masks import MultiBlockSampler  # noqa: E402
-from ijepa_fast.step import make_optimizer, train_step  # noqa: E402
+from ijepa_fast.training.step import make_optimizer, train_step  # noqa: E402
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 3, 2, 4
 SCHED = Schedules(steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS, warmup=0.5, start_lr=1e-4, lr=1e-3, final_lr=1e-6)

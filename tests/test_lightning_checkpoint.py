@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch", reason="PyTorch Lightning is not installed (pip install lightning)")
 
 from ijepa_fast import IJEPA, Schedules  # noqa: E402
-from ijepa_fast.checkpoint import encoder_from_checkpoint, read_checkpoint, strip_prefix  # noqa: E402
+from ijepa_fast.checkpoint.format import encoder_from_checkpoint, read_checkpoint, strip_prefix  # noqa: E402
 from ijepa_fast.cli import main  # noqa: E402
 from ijepa_fast.config import MaskConfig  # noqa: E402
 from ijepa_fast.errors import CheckpointUnreadable  # noqa: E402

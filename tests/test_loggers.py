@@ -16,11 +16,11 @@ import time
 import pytest
 
 from ijepa_fast.errors import ConfigError, TrainingStopped
-from ijepa_fast.runlog import read_metrics
+from ijepa_fast.runlog.output import read_metrics
 
 
 def _train(cfg, run_dir, force=False, **run):
-    from ijepa_fast.train import train
+    from ijepa_fast.training.trainer import train
 
     cfg.run.dir = str(run_dir)
     for k, v in run.items():
@@ -186,7 +186,7 @@ def test_loggers_close_cleanly_when_the_run_stops(tiny_cfg, tmp_path, wandb_env,
     """A non-finite loss (TrainingStopped) or a stop signal: both loggers hold every row written and are closed."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
-    import ijepa_fast.train as train_mod
+    import ijepa_fast.training.trainer as train_mod
 
     real = train_mod.train_step
 
@@ -222,7 +222,7 @@ def test_loggers_close_cleanly_when_the_run_stops(tiny_cfg, tmp_path, wandb_env,
 
 @pytest.mark.parametrize("name", ["tensorboard", "wandb"])
 def test_loggers_missing_package_is_a_config_error_before_any_work(tiny_cfg, tmp_path, monkeypatch, name):
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.training.trainer import Trainer
 
     monkeypatch.setitem(sys.modules, name, None)  # as if not installed: its import and find_spec fail
     tiny_cfg.run.dir = str(tmp_path / "run")
@@ -234,7 +234,7 @@ def test_loggers_missing_package_is_a_config_error_before_any_work(tiny_cfg, tmp
 
 def test_loggers_are_imported_only_when_chosen(tmp_path):
     """Installed but not chosen: neither ijepa_fast, its trainer nor a config naming them imports them."""
-    code = ("import sys, ijepa_fast, ijepa_fast.train, ijepa_fast.loggers\n"
+    code = ("import sys, ijepa_fast, ijepa_fast.train, ijepa_fast.runlog.loggers\n"
             "from ijepa_fast.config import load_config\n"
             "c = load_config('demo_cpu', ['run.loggers=[jsonl,tensorboard,wandb]'])\n"
             "assert c.run.loggers == ['jsonl', 'tensorboard', 'wandb']\n"

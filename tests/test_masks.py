@@ -264,7 +264,7 @@ def test_sampler_cpp_bit_identical_to_python(mode, grid, kw):
 
 @pytest.mark.parametrize("mode", ["reference", "default"])
 def test_sampler_cpp_packed_output_matches_packing(mode):
-    from ijepa_fast.packing import pack
+    from ijepa_fast.perf.packing import pack
 
     mod = _native_or_skip()
     s = MultiBlockSampler((16, 16), cfg(mode=mode, num_context=2), seed=3, impl="python")

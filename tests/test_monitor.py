@@ -6,7 +6,7 @@ import torch
 
 from ijepa_fast.data.demo import DemoImages
 from ijepa_fast.model import IJEPA
-from ijepa_fast.monitor import CollapseMonitor
+from ijepa_fast.training.monitor import CollapseMonitor
 
 
 def _monitor(every=5):

@@ -10,9 +10,9 @@ import torch
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
 from ijepa_fast.model import IJEPA
-from ijepa_fast.perf import MasterWeights
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import make_optimizer, train_step
+from ijepa_fast.perf.switches import MasterWeights
+from ijepa_fast.training.schedules import Schedules
+from ijepa_fast.training.step import make_optimizer, train_step
 
 SCHED = Schedules(steps_per_epoch=10, epochs=2, warmup=1, start_lr=1e-4, lr=1e-3, final_lr=1e-6)
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ijepa_fast.bench import BenchSpec, build_step
-from ijepa_fast.engine import Engine
+from ijepa_fast.bench.step import BenchSpec, build_step
 from ijepa_fast.model import IJEPA
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import read_results
-from ijepa_fast.train import Trainer
+from ijepa_fast.training.engine import Engine
+from ijepa_fast.training.schedules import Schedules
+from ijepa_fast.training.step import read_results
+from ijepa_fast.training.trainer import Trainer
 
 STEPS = 3
 VARIANTS = {"fp32": {}, "bf16_weights": {"bf16_weights": True},

@@ -5,9 +5,9 @@ import torch
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
 from ijepa_fast.model import IJEPA
-from ijepa_fast.perf import MasterWeights, compile_blocks, set_activation_checkpointing
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import make_optimizer, train_step
+from ijepa_fast.perf.switches import MasterWeights, compile_blocks, set_activation_checkpointing
+from ijepa_fast.training.schedules import Schedules
+from ijepa_fast.training.step import make_optimizer, train_step
 
 
 def _model(**kw):

@@ -7,12 +7,12 @@ import pytest
 import torch
 import yaml
 
-from ijepa_fast import perf
 from ijepa_fast.config import MaskConfig, PerfConfig, load_config
-from ijepa_fast.engine import Engine
 from ijepa_fast.errors import ConfigError
 from ijepa_fast.model import IJEPA
-from ijepa_fast.schedules import Schedules
+from ijepa_fast.perf import switches as perf
+from ijepa_fast.training.engine import Engine
+from ijepa_fast.training.schedules import Schedules
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
 
@@ -51,7 +51,7 @@ def test_switches_set_by_hand_win_and_compile_implies_buckets():
 
 
 def test_the_run_records_the_resolved_switches(tiny_cfg, tmp_path):
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.training.trainer import Trainer
 
     cfg = dataclasses.replace(tiny_cfg)
     cfg.run.dir = str(tmp_path / "run")

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from ijepa_fast.buckets import shape_key
+from ijepa_fast.bench.saved_memory import kept_bytes, per_token_bytes
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
 from ijepa_fast.model import IJEPA
-from ijepa_fast.perf import MasterWeights, compile_blocks, set_activation_checkpointing, warm_up
-from ijepa_fast.saved_memory import kept_bytes, per_token_bytes
+from ijepa_fast.perf.buckets import shape_key
+from ijepa_fast.perf.switches import MasterWeights, compile_blocks, set_activation_checkpointing, warm_up
 
 
 def _model(depth=2, **kw):
@@ -125,8 +125,8 @@ def test_trainer_warm_up_runs_each_bucket_and_changes_nothing(tiny_cfg, tmp_path
     and random state alone."""
     import dataclasses
 
-    from ijepa_fast.buckets import shape_key
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.perf.buckets import shape_key
+    from ijepa_fast.training.trainer import Trainer
 
     cfg = dataclasses.replace(tiny_cfg)
     cfg.perf.token_buckets = 4

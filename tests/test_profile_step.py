@@ -28,7 +28,7 @@ def test_profile_step_reports_categories_syncs_and_a_planted_sync(tmp_path):
     planted = {k: n for k, n in where.items() if "profile_step.py" in k}
     assert list(planted.values()) == [1], where
     # nothing else but the step's deliberate read of the loss and gradient norm
-    assert all("ijepa_fast/step.py" in k for k in where if k not in planted), where
+    assert all("ijepa_fast/training/step.py" in k for k in where if k not in planted), where
     assert row["host_syncs"] == sum(where.values())
     for key in ("commit", "torch", "date"):
         assert row[key]

@@ -41,11 +41,11 @@ import pytest
 import torch
 from conftest import reference_dir
 
-from ijepa_fast.checkpoint import add_prefix, load_training_checkpoint, models_from_checkpoint, read_checkpoint
+from ijepa_fast.checkpoint.format import add_prefix, load_training_checkpoint, models_from_checkpoint, read_checkpoint
 from ijepa_fast.masks import MaskBatch
 from ijepa_fast.model import IJEPA, jepa_loss
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import make_optimizer, train_step
+from ijepa_fast.training.schedules import Schedules
+from ijepa_fast.training.step import make_optimizer, train_step
 
 TOL = 1e-5  # of a tensor's largest entry: fp32 rounding of outputs, gradients and weights
 TOL_UPDATE = 2e-4  # of a state's largest update: AdamW's normalisation of noise-level gradients
@@ -121,7 +121,7 @@ def _golden_step(step_file, ckpt_file, attn, kernels, layout, device):
     with torch.no_grad():
         out["target_encoder_out"] = model.target_encoder(images)
         if layout == "packed":
-            from ijepa_fast.packing import pack
+            from ijepa_fast.perf.packing import pack
 
             p = pack(masks)
             z = model.encoder.forward_packed(images, p.ctx_idx, p.ctx_meta)
@@ -367,7 +367,7 @@ def test_reference_golden_trajectory_resumed_by_the_trainer(traj_file, ckpt_file
     step function, schedules and optimiser then reach the reference's final state."""
     from ijepa_fast.config import load_config
     from ijepa_fast.data import Batch
-    from ijepa_fast.train import Trainer
+    from ijepa_fast.training.trainer import Trainer
 
     gold = torch.load(traj_file, weights_only=False)
     trainer = Trainer(load_config(None, traj_overrides(gold, ckpt_file, tmp_path / "run")))

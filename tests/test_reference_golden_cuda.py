@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_reference_golden import PAIRS, PARTS, TRAJ_PAIRS, compare, run_golden_step, traj_model, traj_schedules
 
-from ijepa_fast.checkpoint import add_prefix
+from ijepa_fast.checkpoint.format import add_prefix
 from ijepa_fast.masks import MaskBatch
-from ijepa_fast.step import make_optimizer, train_step
+from ijepa_fast.training.step import make_optimizer, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LOSS_TOL = 1e-4

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ijepa_fast.schedules import Schedules, cosine_weight_decay, ema_momentum, warmup_cosine_lr
+from ijepa_fast.training.schedules import Schedules, cosine_weight_decay, ema_momentum, warmup_cosine_lr
 
 
 def test_schedules_lr_closed_form():

@@ -10,8 +10,8 @@ from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MaskBatch, MultiBlockSampler
 from ijepa_fast.model import IJEPA, jepa_loss
 from ijepa_fast.models.pos_embed import interpolate_pos_embed
-from ijepa_fast.schedules import Schedules
-from ijepa_fast.step import make_optimizer, param_groups, train_step
+from ijepa_fast.training.schedules import Schedules
+from ijepa_fast.training.step import make_optimizer, param_groups, train_step
 
 
 def small_model(attn="sdpa", **kw):
@@ -169,7 +169,7 @@ def test_step_old_call_forms_still_work_with_a_deprecation_warning():
     """The Python API kept its names: positional options and the old import place of the loss still
     work, each with a DeprecationWarning that says what to write instead."""
     import ijepa_fast
-    import ijepa_fast.step
+    import ijepa_fast.training.step
 
     with pytest.warns(DeprecationWarning, match="img_size=.*by keyword"):
         old = IJEPA.build("custom", 32, 4, 1, 24, embed_dim=48, depth=1, num_heads=3)
@@ -185,5 +185,5 @@ def test_step_old_call_forms_still_work_with_a_deprecation_warning():
         warnings.simplefilter("ignore", DeprecationWarning)
         train_step(old, opt, torch.randn(2, 3, 32, 32), sampler(2), 1, _sched(), "fp32", precision="fp32")
     with pytest.warns(DeprecationWarning, match="moved to ijepa_fast.model"):
-        assert ijepa_fast.step.jepa_loss is ijepa_fast.jepa_loss
+        assert ijepa_fast.training.step.jepa_loss is ijepa_fast.jepa_loss
     assert ijepa_fast.IJEPA is IJEPA and ijepa_fast.train_step is train_step

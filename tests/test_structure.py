@@ -120,8 +120,9 @@ def test_kernels_import_nothing_from_the_engine():
 
 
 # the step's assembly: the calls that build a run model, and the one module allowed to make them
-ASSEMBLER = f"{PACKAGE}.engine"
-ASSEMBLY_CALLS = {f"{PACKAGE}.perf": {"apply", "optimizer_impl", "fused_tail"}, f"{PACKAGE}.tail": {"FusedTail"}}
+ASSEMBLER = f"{PACKAGE}.training.engine"
+ASSEMBLY_CALLS = {f"{PACKAGE}.perf.switches": {"apply", "optimizer_impl", "fused_tail"},
+                  f"{PACKAGE}.perf.tail": {"FusedTail"}}
 
 
 def assembly_calls(name: str, path: Path) -> set[str]:
@@ -164,21 +165,35 @@ def assembly_calls(name: str, path: Path) -> set[str]:
 def test_assembly_checker_sees_every_spelling(tmp_path):
     """The checker itself: aliases, module imports and keyword use are all seen."""
     src = tmp_path / "m.py"
-    src.write_text("from . import perf as P\nfrom .perf import fused_tail as ft\nfrom .step import make_optimizer\n"
+    src.write_text("from ..perf import switches as P\nfrom ..perf.switches import fused_tail as ft\n"
+                   "from .step import make_optimizer\n"
                    "def f(m):\n    P.apply(m)\n    ft(m)\n    make_optimizer(m)\n    make_optimizer(m, impl='x')\n")
-    assert assembly_calls(f"{PACKAGE}.m", src) == {f"{PACKAGE}.perf.apply", f"{PACKAGE}.perf.fused_tail",
-                                                   f"{PACKAGE}.step.make_optimizer"}
+    assert assembly_calls(f"{PACKAGE}.training.m", src) == {
+        f"{PACKAGE}.perf.switches.apply", f"{PACKAGE}.perf.switches.fused_tail",
+        f"{PACKAGE}.training.step.make_optimizer"}
 
 
 def test_the_engine_alone_assembles_the_step():
     """Only the engine applies the perf switches, picks the AdamW implementation and builds the
-    fused tail (perf.py and tail.py, which define them, aside): the trainer, the bench, the
+    fused tail (perf/switches.py and perf/tail.py, which define them, aside): the trainer, the bench, the
     profiler, the Lightning module and the examples get their step from it."""
     files = dict(source_modules())
     for folder in ("benchmarks", "examples"):
         files.update({f"{folder}.{p.stem}": p for p in sorted((ROOT / folder).glob("*.py"))})
-    calls = {n: assembly_calls(n, p) for n, p in files.items() if n not in (f"{PACKAGE}.perf", f"{PACKAGE}.tail")}
-    assert calls[ASSEMBLER] == {f"{PACKAGE}.perf.apply", f"{PACKAGE}.perf.optimizer_impl",
-                                f"{PACKAGE}.perf.fused_tail", f"{PACKAGE}.step.make_optimizer"}
+    calls = {n: assembly_calls(n, p) for n, p in files.items() if n not in ASSEMBLY_CALLS}
+    assert calls[ASSEMBLER] == {f"{PACKAGE}.perf.switches.apply", f"{PACKAGE}.perf.switches.optimizer_impl",
+                                f"{PACKAGE}.perf.switches.fused_tail", f"{PACKAGE}.training.step.make_optimizer"}
     bad = {n: sorted(c) for n, c in calls.items() if c and n != ASSEMBLER}
     assert not bad, f"the step is assembled outside {ASSEMBLER}: {bad}"
+
+
+def test_the_package_is_grouped_by_concern():
+    """ijepa_fast/ holds a few top-level modules beside its packages: a shared name prefix
+    (config_*, train_*, bench_*) is a package, not a set of modules."""
+    top = sorted(p.stem for p in (ROOT / PACKAGE).glob("*.py"))
+    assert len(top) <= 10, top
+    stems = [s for s in top if not s.startswith("_")]
+    prefixes = {s.split("_")[0] for s in stems if "_" in s}
+    assert not [p for p in prefixes if sum(s.startswith(p + "_") or s == p for s in stems) > 1], stems
+    for pkg in ("config", "training", "perf", "checkpoint", "interop", "runlog", "bench"):
+        assert (ROOT / PACKAGE / pkg / "__init__.py").is_file(), pkg

@@ -5,11 +5,11 @@ import torch
 from conftest import DEVICE
 from kernel_checks import needs_triton
 
+from ijepa_fast.bench.profiling import count_host_syncs
 from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
 from ijepa_fast.model import IJEPA
 from ijepa_fast.models.varlen import VarlenMeta, available, pad_index
-from ijepa_fast.profiling import count_host_syncs
 
 
 def _ops(counter):

@@ -8,7 +8,7 @@ from ijepa_fast.config import MaskConfig
 from ijepa_fast.masks import MultiBlockSampler
 from ijepa_fast.model import IJEPA
 from ijepa_fast.models.varlen import VarlenMeta, attention_varlen, attention_varlen_reference, available
-from ijepa_fast.packing import pack
+from ijepa_fast.perf.packing import pack
 
 BACKENDS = ["flash_attn", "torch_varlen", "xformers", "nested", "padded"]
 
@@ -97,7 +97,7 @@ def test_varlen_auto_layout_packs_only_variable_lengths():
     ref = MultiBlockSampler(model.grid, MaskConfig(mode="reference", min_keep=4))(2)
     dflt = next(mb for mb in (MultiBlockSampler(model.grid, MaskConfig(min_keep=4)).sample(4, s) for s in range(40))
                 if mb.context_lens is not None)
-    from ijepa_fast.packing import PackedMasks
+    from ijepa_fast.perf.packing import PackedMasks
 
     assert not isinstance(model.prepare(ref), PackedMasks)
     fused = DEVICE == "cuda" and model._fused_varlen()

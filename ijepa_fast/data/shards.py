@@ -164,7 +164,7 @@ def write_shards(src, out, *, shard_bytes: int = 10**9, max_images: int | None =
             part.unlink(missing_ok=True)
         if not isinstance(e, OSError):
             raise
-        from ..checkpoint import write_error
+        from ..checkpoint.format import write_error
 
         raise write_error(out, e) from None
 

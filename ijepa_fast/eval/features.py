@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._compat import keyword_only
-from ..checkpoint import write_atomic
+from ..checkpoint.format import write_atomic
 from ..data.transforms import pil_to_tensor
 from ..errors import ConfigError, DataError
 
@@ -100,7 +100,7 @@ def extract(encoder, source, *, img: int = 224, batch_size: int = 64, device: st
             tokens: bool = False, num_workers: int = 0, progress: bool = True, layers: int = 1) -> Features:
     """Features of every image of ``source`` (an image or shard folder, or DemoImages); see the module
     docstring."""
-    from ..runlog import Progress
+    from ..runlog.output import Progress
 
     device = torch.device(device)
     encoder = encoder.to(device).eval()
