@@ -26,7 +26,7 @@ import copy
 
 import torch
 
-from .checkpoint.format import rng_state, set_rng_state
+from .checkpoint.states import ENTRY, head_counts, lightning_entry, read_lightning_entry
 from .config import MaskConfig, PerfConfig
 from .errors import ConfigError
 from .masks import MaskBatch, MaskCollator, MultiBlockSampler
@@ -143,19 +143,10 @@ class IJEPAModule(pl.LightningModule):
 
     # -- checkpoints: Lightning saves weights (target encoder included), optimiser and loop state
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        blocks = self.model.predictor.predictor_blocks  # head counts: not in the weights, read by checkpoint/format.py
-        checkpoint["ijepa_fast"] = {"rng": rng_state(), "sampler": {"seed": self.seed, "mode": self.mask_cfg.mode},
-                                    "num_heads": self.model.encoder.num_heads,
-                                    "pred_heads": blocks[0].attn.num_heads if len(blocks) else None}
+        checkpoint[ENTRY] = lightning_entry(seed=self.seed, mode=self.mask_cfg.mode, heads=head_counts(self.model))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        extra = checkpoint.get("ijepa_fast") or {}
-        saved = extra.get("sampler", {})
-        if saved and (saved.get("seed"), saved.get("mode")) != (self.seed, self.mask_cfg.mode):
-            raise ConfigError(f"the checkpoint's masks used seed={saved.get('seed')} mode={saved.get('mode')!r}, "
-                              f"this module seed={self.seed} mode={self.mask_cfg.mode!r}")
-        if extra.get("rng"):
-            set_rng_state(extra["rng"])
+        read_lightning_entry(checkpoint, seed=self.seed, mode=self.mask_cfg.mode)
         self._resumed_step = int(checkpoint.get("global_step", 0))
 
 

@@ -197,3 +197,19 @@ def test_the_package_is_grouped_by_concern():
     assert not [p for p in prefixes if sum(s.startswith(p + "_") or s == p for s in stems) > 1], stems
     for pkg in ("config", "training", "perf", "checkpoint", "interop", "runlog", "bench"):
         assert (ROOT / PACKAGE / pkg / "__init__.py").is_file(), pkg
+
+
+def test_state_layouts_live_in_the_checkpoint_package():
+    """Every state layout (published checkpoint, run files, Engine state, the resume and Lightning entries)
+    is built and read in ijepa_fast/checkpoint/: no other module saves or restores RNG states itself."""
+    names = {"rng_state", "set_rng_state", "engine_state", "load_engine_state", "resume_entry", "lightning_entry"}
+    bad = []
+    for name, path in source_modules().items():
+        if name.startswith(f"{PACKAGE}.checkpoint"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef) and node.name in names:
+                bad.append(f"{name} defines {node.name}")
+            if isinstance(node, ast.ImportFrom) and {a.name for a in node.names} & {"rng_state", "set_rng_state"}:
+                bad.append(f"{name} imports the RNG state functions")
+    assert not bad, bad

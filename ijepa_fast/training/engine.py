@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn as nn
 
-from ..checkpoint.format import rng_state, set_rng_state
+from ..checkpoint.states import engine_state, load_engine_state
 from ..config import MaskConfig, PerfConfig
 from ..masks import MaskBatch, MultiBlockSampler
 from ..model import IJEPA
@@ -47,7 +47,6 @@ from . import distributed
 from .schedules import Schedules
 from .step import StepResult, autocast_dtype, make_optimizer, micro_batches, train_step
 
-STATE_VERSION = 1
 WARM_UP_STEPS = 128  # steps whose masks the warm-up looks at: drawing them is cheap, only new shapes compile
 
 
@@ -185,17 +184,12 @@ class Engine(nn.Module):
     def state_dict(self, *args, **kwargs) -> dict:
         """Everything a bit-exact resume needs: weights (fp32), optimiser, sampler, next step, RNG states.
         Tensors and plain containers only (loads with ``torch.load(weights_only=True)``)."""
-        return {"version": STATE_VERSION, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "sampler": self.sampler.state_dict(), "next_step": self.next_step, "rng": rng_state()}
+        return engine_state(model_state=self.model.state_dict(), optimizer_state=self.optimizer.state_dict(),
+                            sampler_state=self.sampler.state_dict(), next_step=self.next_step)
 
     def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False) -> None:
         """Restore ``state_dict()``'s output; the next ``step()`` continues the run exactly."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"not an Engine state (version {state.get('version')!r}, expected {STATE_VERSION})")
-        self.model.load_state_dict(state["model"], strict=strict)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.next_step = int(state["next_step"])
-        set_rng_state(state["rng"])
+        self.next_step = load_engine_state(state, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
+                                           strict=strict)
         if self.master is not None:
             self.master.sync_params()

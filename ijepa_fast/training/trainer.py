@@ -22,6 +22,7 @@ from .. import __version__
 from .._compat import keyword_only
 from ..checkpoint.format import training_checkpoint
 from ..checkpoint.run_files import CheckpointManager, load_for_resume
+from ..checkpoint.states import head_counts, read_resume_entry, resume_entry
 from ..config import Config
 from ..config.validate import config_warnings
 from ..data import build_loader, build_source
@@ -186,28 +187,24 @@ class Trainer:
         if loaded is None:
             return None
         path, extra = loaded
-        if "step" in extra:
-            self.step = int(extra["step"])
-            self.sampler.load_state_dict(extra["sampler"])
-            if extra.get("global_batch") not in (None, self.global_batch):
-                log.warning(f"the checkpoint was trained with a global batch of {extra['global_batch']}, this run "
-                            f"uses {self.global_batch}: data order and schedules shift")
-        else:  # a published checkpoint: the reference resumes at the start of the saved epoch
-            self.step = extra["epoch"] * self.steps_per_epoch
+        point = read_resume_entry(extra, self.steps_per_epoch)
+        self.step = point.step
+        if point.sampler is not None:
+            self.sampler.load_state_dict(point.sampler)
+        else:  # a published checkpoint: its masks restart at the step it resumes at
             self.sampler.step = self.step
+        if point.global_batch not in (None, self.global_batch):
+            log.warning(f"the checkpoint was trained with a global batch of {point.global_batch}, this run "
+                        f"uses {self.global_batch}: data order and schedules shift")
         log.info(f"resumed from {path} at step {self.step} (epoch {self.step / self.steps_per_epoch:.2f})")
-        return dict(extra.get("config") or {})
+        return point.config
 
     # -- checkpoints
     def train_state(self) -> dict:
-        """What an exact resume needs besides the weights and the optimiser."""
-        m = self.model
-        epoch = self.step // self.steps_per_epoch
-        blocks = m.predictor.predictor_blocks
-        return {"version": __version__, "step": self.step, "sampler": self.sampler.state_dict(),
-                "data": {"epoch": epoch, "batch": self.step % self.steps_per_epoch},
-                "global_batch": self.global_batch, "num_heads": m.encoder.num_heads,
-                "pred_heads": blocks[0].attn.num_heads if len(blocks) else None, "config": self.settings.to_dict()}
+        """What an exact resume needs besides the weights and the optimiser (``checkpoint.states``)."""
+        return resume_entry(version=__version__, step=self.step, steps_per_epoch=self.steps_per_epoch,
+                            sampler_state=self.sampler.state_dict(), global_batch=self.global_batch,
+                            heads=head_counts(self.model), config=self.settings.to_dict())
 
     def save(self, loss_avg: float) -> Path:
         self.sampler.step = self.step  # workers drew by step number; the next draw is this step's
