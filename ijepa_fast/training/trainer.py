@@ -96,7 +96,7 @@ class Trainer:
                         f"moved to {move_aside(self.run_dir, after_step=self.step)}")
         open_file_log(self.run_dir, self.rank)
         if self.rank == 0:
-            changed = record_config(self.run_dir, self.cfg.to_dict(), resumed=before is not None,
+            changed = record_config(self.run_dir, self.settings.to_dict(), resumed=before is not None,
                                     before=before or None, step=self.step)
             if changed:
                 log.warning(f"resumed with changed settings: {', '.join(changed)} (config.yaml keeps the run's first "
@@ -169,6 +169,7 @@ class Trainer:
         self.engine = e = Engine.from_config(c, device=self.device, schedules=self.schedules, optim=self.optim,
                                              sampler=self.sampler)
         self.cfg = dataclasses.replace(c, perf=e.perf)  # config.yaml and checkpoints record the resolved values
+        self.settings = dataclasses.replace(self.settings, perf=e.perf)
         self.model, self.optimizer, self.run_model, self.master, self.tail = (e.model, e.optimizer, e.run_model,
                                                                               e.master, e.tail)
         self.strategy, self.deferred, self._halt = e.strategy, e.deferred, e.halt
