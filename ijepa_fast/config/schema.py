@@ -163,6 +163,11 @@ class PerfConfig:
                          "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused on CUDA, "
                          "foreach elsewhere (fused_tail is opt-in until a GPU test has compared its weights with "
                          "torch's AdamW + EMA on a card)", ("auto", "fused", "foreach", "single", "fused_tail"))
+    cuda_graphs: bool | str = opt("auto", "the graph-ready step: with perf.optimizer=fused_tail, lr, weight decay and "
+                                  "EMA momentum live in device tensors, gradient buffers persist, nothing is read "
+                                  "back (deferred step); on CUDA the whole step is captured as one CUDA graph per "
+                                  "token bucket at warm-up and replayed (needs token_buckets, one process, "
+                                  "accum_steps=1); auto = off until a GPU run has checked it", ("auto", True, False))
 
 
 @dataclass

@@ -32,7 +32,9 @@ Every switch defaults to ``auto``; ``resolve`` turns a config's switches into va
 device, in this module only. On CUDA ``auto`` is the fastest step measured there (bf16 weights,
 compile with 4 token buckets per doubling, torch's fused AdamW); on the CPU the plain step (bf16
 arithmetic and compiled blocks do not pay there). The fused tail stays opt-in
-(``perf.optimizer=fused_tail``) until a GPU test has compared its weights with torch's AdamW + EMA.
+(``perf.optimizer=fused_tail``) until a GPU test has compared its weights with torch's AdamW + EMA,
+and so does ``cuda_graphs`` (the graph-ready step over the fused tail, captured per token bucket on
+CUDA; see ``graphs``): its capture has not run on a GPU yet.
 ``preset=plain`` resolves every ``auto`` to the plain step, for debugging.
 """
 from __future__ import annotations
@@ -185,11 +187,22 @@ def resolve(perf, device: torch.device, strategy: str = "none"):
 
     fast = perf.preset != "plain" and device.type == "cuda"
     values = {"bf16_weights": fast and strategy != "fsdp", "compile": fast, "activation_checkpointing": False,
-              "fp8": "false", "optimizer": "fused" if device.type == "cuda" and perf.preset != "plain" else "foreach"}
+              "fp8": "false", "cuda_graphs": False,
+              "optimizer": "fused" if device.type == "cuda" and perf.preset != "plain" else "foreach"}
     out = dataclasses.replace(perf, **{k: v for k, v in values.items() if getattr(perf, k) == "auto"})
     out.preset = "plain" if perf.preset == "plain" else "fast"
     if out.token_buckets == "auto":
         out.token_buckets = AUTO_BUCKETS if out.compile else 0
+    if out.cuda_graphs is True:
+        if out.optimizer != "fused_tail":
+            raise ConfigError("perf.cuda_graphs=true needs perf.optimizer=fused_tail (its lr, weight decay and "
+                              "momentum live in device tensors): set both, or perf.cuda_graphs=false")
+        if strategy != "none":
+            raise ConfigError("perf.cuda_graphs=true runs on one process: set perf.cuda_graphs=false under "
+                              f"dist.strategy={strategy}")
+        if device.type == "cuda" and not out.token_buckets:
+            raise ConfigError("perf.cuda_graphs=true on CUDA needs static shapes: set perf.token_buckets to 1-16 "
+                              "(or perf.compile=true, which sets it)")
     if out.compile and not out.token_buckets:
         raise ConfigError("perf.token_buckets=0 with perf.compile=true would compile dynamic shapes (the slow path): "
                           "leave perf.token_buckets=auto or set 1-16, or set perf.compile=false")
@@ -258,11 +271,12 @@ def optimizer_impl(perf, device: torch.device) -> str:
 
 def fused_tail(model: IJEPA, optimizer, master: MasterWeights | None, perf, device: torch.device):
     """The ``tail.FusedTail`` that ``train_step`` runs instead of optimizer.step + update_target +
-    sync_params, or None when ``perf`` does not choose it."""
+    sync_params, or None when ``perf`` does not choose it (with ``perf.cuda_graphs``: its values in
+    device tensors)."""
     if not uses_fused_tail(perf, device):
         return None
     if type(optimizer) is not torch.optim.AdamW:
         raise TypeError(f"perf.optimizer=fused_tail steps a torch.optim.AdamW's state; got {type(optimizer).__name__}")
     from .tail import FusedTail
 
-    return FusedTail(model, optimizer, master)
+    return FusedTail(model, optimizer, master, device_hyper=getattr(perf, "cuda_graphs", False) is True)
