@@ -153,10 +153,15 @@ class PerfConfig:
                               ("auto", True, False))
     fp8: str = opt("auto", "float8 matmuls in the context and target encoders' linear layers (torchao; CUDA compute "
                    "capability >= 8.9): 'rowwise' or 'tensorwise' scaling, 'false' = off (true = rowwise); the "
-                   "predictor, the weights of record and the checkpoints are unchanged; auto = off",
-                   ("auto", "false", "rowwise", "tensorwise"), aliases={True: "rowwise", False: "false",
+                   "predictor, the weights of record and the checkpoints are unchanged; 'target' = rowwise in the "
+                   "target encoder's forward only, on layers of both dimensions >= fp8_min_dim; auto = off",
+                   ("auto", "false", "rowwise", "tensorwise", "target"), aliases={True: "rowwise", False: "false",
                                                                         "true": "rowwise", "none": "false",
                                                                         "off": "false"})
+    fp8_min_dim: int | str = opt("auto", "with perf.fp8: convert only linear layers whose in and out features are "
+                                 "both >= this (smaller matmuls lose more to the casts than FP8 saves); auto = 1024 "
+                                 "under fp8=target (ViT-L/H layers qualify, ViT-B's do not), every layer with "
+                                 "multiples of 16 otherwise")
     fp8_emulate: bool = opt(False, "for testing: emulate the FP8 casts with high-precision matmuls on any device "
                             "(the FP8 numerics, no speed-up)")
     optimizer: str = opt("auto", "AdamW implementation: 'fused', 'foreach', 'single' (torch), or 'fused_tail' (AdamW, "

@@ -16,7 +16,9 @@ copied back into the bf16 copy (one multi-tensor copy each way).
 padding masked out: the same loss and gradients, a small fixed set of block shapes.
 
 ``fp8``: the encoder's and the target encoder's linear layers run their matmuls in float8
-through torchao (see ``fp8``), on the compute copy when there is one, so the masters stay plain.
+through torchao (see ``fp8``), on the compute copy when there is one, so the masters stay plain;
+``fp8=target``: only the target encoder's (its forward), and only layers of both dimensions >=
+``fp8_min_dim`` (auto: 1024).
 
 ``activation_checkpointing``: each context-encoder and predictor block recomputes its activations
 in the backward pass: ``full`` (or ``true``) the whole block (about a third more compute, only the
@@ -191,6 +193,7 @@ def resolve(perf, device: torch.device, strategy: str = "none"):
               "optimizer": "fused" if device.type == "cuda" and perf.preset != "plain" else "foreach"}
     out = dataclasses.replace(perf, **{k: v for k, v in values.items() if getattr(perf, k) == "auto"})
     out.preset = "plain" if perf.preset == "plain" else "fast"
+    out.fp8_min_dim = fp8.min_dim(out.fp8, out.fp8_min_dim)
     if out.token_buckets == "auto":
         out.token_buckets = AUTO_BUCKETS if out.compile else 0
     if out.cuda_graphs is True:
@@ -231,8 +234,9 @@ def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeight
     fp8_recipe = fp8.recipe(perf.fp8)
     if fp8_recipe:
         fp8.check_device(device, perf.fp8_emulate)
-        fp8_note = "; " + fp8.describe(fp8_recipe, fp8.convert(run, fp8_recipe, emulate=perf.fp8_emulate),
-                                       perf.fp8_emulate)
+        size = fp8.min_dim(perf.fp8, getattr(perf, "fp8_min_dim", "auto"))
+        count = fp8.convert(run, fp8_recipe, emulate=perf.fp8_emulate, parts=fp8.parts(perf.fp8), min_features=size)
+        fp8_note = "; " + fp8.describe(fp8_recipe, count, perf.fp8_emulate, perf.fp8, size)
     ckpt = checkpoint_mode(perf.activation_checkpointing)
     if ckpt:
         set_activation_checkpointing(run, ckpt, selective_blocks=getattr(perf, "selective_blocks", "all"))
