@@ -63,9 +63,15 @@ def _decay(lr, weight_decay, dev: torch.device) -> torch.Tensor:
     """1 - lr * weight_decay, computed in float64 and rounded once, as a one-element fp32 tensor."""
     if not isinstance(lr, torch.Tensor) and not isinstance(weight_decay, torch.Tensor):
         return _scalar(1.0 - float(lr) * float(weight_decay), dev)
-    lr = torch.as_tensor(lr, dtype=torch.float64, device=dev).reshape(())
-    wd = torch.as_tensor(weight_decay, dtype=torch.float64, device=dev).reshape(())
-    return (1.0 - lr * wd).reshape(1).float()
+    return (1.0 - _f64(lr, dev) * _f64(weight_decay, dev)).reshape(1).float()
+
+
+def _f64(value, dev: torch.device) -> torch.Tensor:
+    """A number or a 0-d tensor as a 0-d float64 device tensor (a number by a fill: no host-to-device
+    copy, which a CUDA graph capture would refuse)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dev, torch.float64).reshape(())
+    return torch.full((), float(value), dtype=torch.float64, device=dev)
 
 
 def _advance(steps, found_inf) -> None:
@@ -120,8 +126,7 @@ def adamw_tail_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, wei
         tensor_hyper = any(isinstance(x, torch.Tensor) for x in (lr, weight_decay, momentum))
         decay = _decay(lr, weight_decay, dev).reshape(()) if tensor_hyper else None
         mom = _scalar(momentum, dev).reshape(()) if tensor_hyper else None
-        rest = _scalar(1.0 - torch.as_tensor(momentum, dtype=torch.float64, device=dev), dev).reshape(()) \
-            if tensor_hyper else None
+        rest = _scalar(1.0 - _f64(momentum, dev), dev).reshape(()) if tensor_hyper else None
         for p, g, m, v, _, c, t, tc in entries:
             keep = None if found_inf is None else found_inf.to(p.device).reshape(()) != 0
 

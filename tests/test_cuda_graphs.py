@@ -158,3 +158,37 @@ def test_captured_graphs_replay_the_plain_fused_tail_step():
     a, b = _weights(ready), _weights(plain)
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_graph_inputs_are_copied_into_the_captured_batch():
+    """StepGraphs' input handling (the part a CPU can check): a prepared batch is cloned into the graph's
+    own tensors, a batch of the same shapes is copied into them, and a batch of other shapes is refused."""
+    from ijepa_fast.perf.buckets import shape_key
+    from ijepa_fast.perf.graphs import _clone, _copy_into
+
+    engine = _engine(True, False)
+    batches = [engine.prepare(engine.masks(4, s)) for s in range(12)]
+    a = batches[0]
+    static = _clone(a)
+    pairs = list(zip(_leaves(static), _leaves(a)))
+    assert pairs and all(torch.equal(x, y) and x.data_ptr() != y.data_ptr() for x, y in pairs)
+    for x, _ in pairs:
+        x.zero_()
+    _copy_into(static, a)
+    assert all(torch.equal(x, y) for x, y in pairs)
+    other = next(b for b in batches if shape_key(b) != shape_key(a))
+    with pytest.raises(ValueError, match="captured shape"):
+        _copy_into(static, other)
+
+
+def _leaves(x):
+    """The tensors of a prepared batch (NamedTuples and dataclasses of tensors)."""
+    import dataclasses
+
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if dataclasses.is_dataclass(x):
+        return [t for f in dataclasses.fields(x) for t in _leaves(getattr(x, f.name))]
+    if isinstance(x, tuple):
+        return [t for v in x for t in _leaves(v)]
+    return []

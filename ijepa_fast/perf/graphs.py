@@ -27,6 +27,9 @@ import torch
 def _copy_into(dst, src) -> None:
     """Copy a batch structure (tensors inside NamedTuples / dataclasses) into one of the same shapes."""
     if isinstance(dst, torch.Tensor):
+        if not isinstance(src, torch.Tensor) or src.shape != dst.shape:
+            raise ValueError(f"a CUDA-graph step's batch differs from its captured shape: "
+                             f"{getattr(src, 'shape', src)} != {tuple(dst.shape)}")
         dst.copy_(src, non_blocking=True)
     elif dataclasses.is_dataclass(dst):
         for f in dataclasses.fields(dst):

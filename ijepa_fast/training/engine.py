@@ -168,7 +168,7 @@ class Engine(nn.Module):
         self.tail.stage(self.schedules.momentum_at(self.next_step))
         for m in masks:
             prepared = self.prepare(m)
-            self.graphs.capture(shape_key(prepared), images[:m.batch_size].to(images.dtype), prepared, fn)
+            self.graphs.capture(shape_key(prepared), images[:m.batch_size], prepared, fn)
         log.info(f"cuda graphs: {len(self.graphs.graphs)} step graphs captured (one per token bucket)")
         return len(self.graphs.graphs)
 
