@@ -141,6 +141,15 @@ def test_cuda_graphs_switch_resolution_and_errors():
                 torch.device("cuda"))
     with pytest.raises(ConfigError, match="one process"):
         resolve(PerfConfig(cuda_graphs=True, optimizer="fused_tail"), torch.device("cpu"), "ddp")
+    from ijepa_fast.config import load_config
+
+    ok = ["perf.cuda_graphs=true", "perf.optimizer=fused_tail"]
+    assert load_config(None, ok).perf.cuda_graphs is True
+    for extra, what in (([], "perf.optimizer"), (["optim.accum_steps=2"], "accum_steps"),
+                        (["optim.on_nonfinite=skip"], "on_nonfinite")):
+        keys = (ok if extra else ok[:1]) + extra
+        with pytest.raises(ConfigError, match=what):
+            load_config(None, keys)
     with pytest.raises(ConfigError, match="accum_steps"):
         Engine(_model(), SCHED, mask=MASKS, perf=PerfConfig(optimizer="fused_tail", cuda_graphs=True),
                accum_steps=2, device="cpu")
