@@ -14,8 +14,12 @@ Stages, in order:
   masks, at the same predictor depth; skipped, saying so, without ``.bench_ref/``) and our step as
   the recipe ships, at its best measured variant and (ViT-H) the memory variant.
 - ``profile``: one profiled step of the 0-sync configuration (fused tail, deferred step) of ViT-H.
-- ``fp8``: ViT-H/14 b128 with FP8 rowwise linear layers (best variant), last, so that a slow FP8
-  warm-up cannot take the other rows' time.
+- ``fp8``: ViT-H/14 b128 with FP8 rowwise linear layers (best variant), after the profile, so that a
+  slow FP8 warm-up cannot take the other rows' time.
+- ``numerics``: ``benchmarks/numerics_check.py --device cuda`` (the lean bf16 step and bf16
+  autocast against the fp32 step: gradient and 20-step update errors at 64 px, width 192, 6 blocks),
+  capped at ``NUMERICS_CAP_S``; its JSON rows go into the same rows file (``bench: numerics``), or
+  one error row. Under ``--rehearse``: the tiny model, 2 steps, on the CPU.
 
 ``--extras``: ViT-L/16 b128 and ViT-g/16 b16 beside the released step, and the FP8 quality gate on
 the digits. Rows go to ``DIR/rows.jsonl`` as each is measured (appended and flushed); every
@@ -48,6 +52,7 @@ TESTS = ["tests/test_kernel_adamw_tail.py", "tests/test_fused_tail.py", "tests/t
          "tests/test_fp8.py", "tests/test_reference_golden_cuda.py"]
 REHEARSAL_TESTS = ["tests/test_reference_golden_cuda.py", "tests/test_kernel_adamw_tail.py::"
                    "test_kernel_adamw_tail_checks_its_inputs"]
+NUMERICS_CAP_S = 60.0  # the numerics check on a GPU (a few seconds of compute; model builds and warm-up)
 BEST = {"optimizer": "fused_tail", "token_buckets": "4"}  # the fastest measured (H200, 2026-12-04)
 
 
@@ -275,6 +280,36 @@ def run_profile(win: Window, rehearse: bool) -> None:
         win.emit({"bench": "profile_step", "error": err, "seconds": round(time.monotonic() - t, 1)})
 
 
+def numerics_command(device: str, rehearse: bool) -> list[str]:
+    """benchmarks/numerics_check.py as the window runs it (tiny, 2 steps, batch 4 under the rehearsal)."""
+    size = ["--tiny", "--steps", "2", "--batch", "4"] if rehearse else ["--steps", "20"]
+    return [sys.executable, str(ROOT / "benchmarks" / "numerics_check.py"), "--device", device, *size]
+
+
+def run_numerics(win: Window, rehearse: bool) -> None:
+    """The numerics check's JSON rows into the window's rows file, or one error row."""
+    cap = min(NUMERICS_CAP_S if not rehearse else 180.0, win.left() - 5)
+    if cap < 20:
+        win.emit({"bench": "numerics", "error": f"skipped: {win.left():.0f} s left of the window"})
+        return
+    t = time.monotonic()
+    try:
+        p = subprocess.run(numerics_command(win.device, rehearse), cwd=ROOT, capture_output=True, text=True,
+                           timeout=cap, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                               x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)})
+        rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+        print(p.stdout[-2000:], p.stderr[-2000:], sep="\n", flush=True)
+        err = None if p.returncode == 0 and rows else \
+            f"numerics_check.py exited {p.returncode}" + ("" if rows else " with no rows")
+    except subprocess.TimeoutExpired:
+        rows, err = [], f"numerics_check.py cut at {cap:.0f} s"
+    seconds = round(time.monotonic() - t, 1)
+    for r in rows:
+        win.emit({"bench": "numerics", **r, "seconds": seconds})
+    if err:
+        win.emit({"bench": "numerics", "error": err, "seconds": seconds})
+
+
 def run_quality(win: Window) -> None:
     cap = min(300.0, win.left() - 5)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fp8_quality.py"), "--device", win.device, "--fp8", "rowwise",
@@ -293,7 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder of the rows (rows.jsonl) and the tests' output")
     p.add_argument("--budget-s", type=float, help="the whole window's time in seconds (450 on a GPU; 900 for "
                    "--rehearse, whose CPU steps are slow)")
-    p.add_argument("--stages", default="tests,step,profile,fp8")
+    p.add_argument("--stages", default="tests,step,profile,fp8,numerics")
     p.add_argument("--extras", action="store_true", help="the second command: ViT-L/16, ViT-g/16, FP8 quality gate")
     p.add_argument("--rehearse", action="store_true", help="every stage on the CPU with tiny models")
     p.add_argument("--steps", type=int, default=10)
@@ -340,6 +375,9 @@ def main(argv=None) -> int:
     if "fp8" in stages and fp8_models:
         print(f"== FP8 rows ({win.left():.0f} s left)", flush=True)
         run_steps(win, fp8_models, steps, warmup, peak)
+    if "numerics" in stages and not args.extras:
+        print(f"== numerics check ({win.left():.0f} s left)", flush=True)
+        run_numerics(win, args.rehearse)
     if args.extras and not args.rehearse:
         print(f"== FP8 quality gate ({win.left():.0f} s left)", flush=True)
         run_quality(win)

@@ -12,6 +12,7 @@ figures), so the GPU command can run it on the card as it is:
 
     python benchmarks/numerics_check.py --device cuda
     python benchmarks/numerics_check.py --device cpu --steps 20          # ~1 min on 2 CPU cores
+    python benchmarks/numerics_check.py --device cpu --tiny --steps 2 --batch 4   # the rehearsal's size
 
 tests/test_numerics_lean.py asserts the bounds on the CPU with the same functions.
 """
@@ -30,6 +31,7 @@ from ijepa_fast.training.step import make_optimizer, train_step
 
 PATHS = ("lean", "autocast")
 MODEL = dict(img_size=64, patch_size=4, embed_dim=192, depth=6, num_heads=3, pred_dim=96, pred_depth=3)
+TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, pred_dim=24, pred_depth=1)  # rehearsals
 
 
 def build(spec: dict, seed: int, device: str, attn: str) -> IJEPA:
@@ -116,10 +118,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--attn", default="math", help="attention path of every run (math, sdpa, ...)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (rehearsing the GPU command on the CPU)")
     a = ap.parse_args(argv)
     if a.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
-    res = compare(MODEL, a.device, a.steps, a.batch, attn=a.attn)
+    res = compare(TINY if a.tiny else MODEL, a.device, a.steps, a.batch, attn=a.attn)
     where = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     for path in PATHS:
         for what in ("grad", "update"):

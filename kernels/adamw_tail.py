@@ -13,6 +13,10 @@ and its compute copy ``tc``, in fp32 arithmetic:
 ``bc1 = 1 - beta1 ** step``, ``bc2 = 1 - beta2 ** step``, with ``step`` each parameter's own step
 count (a 0-d tensor, advanced here as torch advances it), computed in float64 on the device.
 A parameter without a gradient is not stepped (as in torch); its target still takes the EMA.
+``lr``, ``weight_decay`` and ``momentum`` are Python numbers or 0-d device tensors (float64 for
+the same rounding as the numbers): the kernels read them from device memory either way, so a step
+whose values live in tensors updated in place between steps launches identical kernels every step
+(what a CUDA graph replays).
 ``found_inf`` (a device scalar): when nonzero nothing is written and the step counts stay, so a
 non-finite step is skipped on the device without the host reading anything.
 
@@ -36,12 +40,38 @@ except ImportError:  # the reference covers every use
     triton = None
 
 
-def _coefficients(steps: list[torch.Tensor], lr: float, betas) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lr / bc1, sqrt(bc2)) per parameter, from the (already advanced) step counts, in float64."""
+def _coefficients(steps: list[torch.Tensor], lr, betas) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lr / bc1, sqrt(bc2)) per parameter, from the (already advanced) step counts, in float64
+    (``lr``: a number or a 0-d device tensor)."""
     s = torch.stack([x.reshape(()) for x in steps]).double()
     bc1 = 1.0 - torch.pow(float(betas[0]), s)
     bc2 = 1.0 - torch.pow(float(betas[1]), s)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(s.device, torch.float64).reshape(())
     return (lr / bc1).float(), bc2.sqrt().float()
+
+
+def _scalar(value, dev: torch.device) -> torch.Tensor:
+    """A number or a 0-d tensor as a one-element fp32 device tensor (a number rounded once from
+    float64, as a kernel argument would be)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dev, torch.float64).reshape(1).float()
+    return torch.full((1,), float(value), dtype=torch.float32, device=dev)
+
+
+def _decay(lr, weight_decay, dev: torch.device) -> torch.Tensor:
+    """1 - lr * weight_decay, computed in float64 and rounded once, as a one-element fp32 tensor."""
+    if not isinstance(lr, torch.Tensor) and not isinstance(weight_decay, torch.Tensor):
+        return _scalar(1.0 - float(lr) * float(weight_decay), dev)
+    return (1.0 - _f64(lr, dev) * _f64(weight_decay, dev)).reshape(1).float()
+
+
+def _f64(value, dev: torch.device) -> torch.Tensor:
+    """A number or a 0-d tensor as a 0-d float64 device tensor (a number by a fill: no host-to-device
+    copy, which a CUDA graph capture would refuse)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dev, torch.float64).reshape(())
+    return torch.full((), float(value), dtype=torch.float64, device=dev)
 
 
 def _advance(steps, found_inf) -> None:
@@ -78,8 +108,8 @@ def _entries(params, grads, exp_avgs, exp_avg_sqs, steps, computes, targets, tar
     return out
 
 
-def adamw_tail_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, weight_decay: float, betas,
-                         eps: float, computes=None, targets=None, target_computes=None, momentum: float = 1.0,
+def adamw_tail_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, weight_decay, betas,
+                         eps: float, computes=None, targets=None, target_computes=None, momentum=1.0,
                          grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
     """The plain path, torch.optim.AdamW's foreach arithmetic tensor by tensor; a ``found_inf``
     skip keeps the old values with ``torch.where`` (no host synchronisation)."""
@@ -92,6 +122,11 @@ def adamw_tail_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: flo
         if adam:
             step_size, bc2s = _coefficients(stepped, lr, betas)
         j = 0
+        dev = entries[0][0].device
+        tensor_hyper = any(isinstance(x, torch.Tensor) for x in (lr, weight_decay, momentum))
+        decay = _decay(lr, weight_decay, dev).reshape(()) if tensor_hyper else None
+        mom = _scalar(momentum, dev).reshape(()) if tensor_hyper else None
+        rest = _scalar(1.0 - _f64(momentum, dev), dev).reshape(()) if tensor_hyper else None
         for p, g, m, v, _, c, t, tc in entries:
             keep = None if found_inf is None else found_inf.to(p.device).reshape(()) != 0
 
@@ -105,14 +140,20 @@ def adamw_tail_reference(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: flo
                     g = g * grad_scale.to(p.device).float()
                 new_m = m.lerp(g, 1 - beta1)
                 new_v = (v * beta2).addcmul_(g, g, value=1 - beta2)
-                new_p = p * (1 - lr * weight_decay) if weight_decay != 0 else p.clone()
+                if tensor_hyper:
+                    new_p = p * decay
+                else:
+                    new_p = p * (1 - lr * weight_decay) if weight_decay != 0 else p.clone()
                 denom = (new_v.sqrt() / bc2s[j]).add_(eps)
                 new_p.add_(new_m * -step_size[j] / denom)
                 j += 1
                 put(m, new_m)
                 put(v, new_v)
             if t is not None:
-                new_t = (t * momentum).add_(new_p, alpha=1 - momentum)
+                if tensor_hyper:
+                    new_t = (t * mom).add_(new_p * rest)
+                else:
+                    new_t = (t * momentum).add_(new_p, alpha=1 - momentum)
                 put(t, new_t)
                 if tc is not None:
                     put(tc, new_t.to(tc.dtype))
@@ -138,11 +179,11 @@ if triton is not None:
 
     @triton.jit
     def _adamw_tail_kernel(Ptr_table, Meta, Step_size, Bc2_sqrt, Block_tensor, Block_index, Scale, Found,
-                           decay, beta1, beta2, eps, momentum,
+                           Decay, Momentum, decay, momentum, beta1, beta2, eps,
                            G_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
                            TC_DTYPE: tl.constexpr, ADAM: tl.constexpr, HAS_C: tl.constexpr, HAS_T: tl.constexpr,
                            HAS_TC: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
-                           BLOCK_SIZE: tl.constexpr):
+                           HYPER_IN_MEMORY: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         pid = tl.program_id(0)
         ti = tl.load(Block_tensor + pid)
         bi = tl.load(Block_index + pid)
@@ -168,7 +209,10 @@ if triton is not None:
             m = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))  # torch's lerp
             v = v * beta2
             v = v + ((1.0 - beta2) * g) * g
-            p = p * decay
+            if HYPER_IN_MEMORY:
+                p = p * tl.load(Decay)
+            else:
+                p = p * decay
             denom = tl.div_rn(tl.sqrt_rn(v), tl.load(Bc2_sqrt + j)) + eps
             p = p + tl.div_rn(-tl.load(Step_size + j) * m, denom)
             tl.store(m_ptr + offs, m, mask=mask)
@@ -180,6 +224,8 @@ if triton is not None:
         if HAS_T:
             t_ptr = tl.load(row + 5).to(tl.pointer_type(T_DTYPE))
             t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HYPER_IN_MEMORY:
+                momentum = tl.load(Momentum)
             t = t * momentum + (1.0 - momentum) * p
             tl.store(t_ptr + offs, _round(t, T_DTYPE), mask=mask)
             if HAS_TC:
@@ -267,21 +313,27 @@ def adamw_tail_triton(entries, coef, *, lr, weight_decay, betas, eps, momentum, 
     # under the interpreter one program per tensor, no wider than the largest tensor (numpy work
     # grows with the block, not with the elements present)
     block = block_rows(2048, triton.next_power_of_2(max(e[0].numel() for e in entries)))
-    decay = 1.0 - lr * weight_decay
+    # numbers as launch arguments; tensors read from device memory (the same launch every step)
+    in_memory = any(isinstance(x, torch.Tensor) for x in (lr, weight_decay, momentum))
+    decay_t = _decay(lr, weight_decay, dev) if in_memory else dummy
+    mom_t = _scalar(momentum, dev) if in_memory else dummy
+    decay = 0.0 if in_memory else 1.0 - lr * weight_decay
+    mom = 0.0 if in_memory else float(momentum)
     for (adam, gd, cd, td, tcd), (rows, coef_rows) in groups.items():
         ptrs, meta, block_tensor, block_index = _tables(rows, coef_rows, block, dev)
         _adamw_tail_kernel[(block_tensor.numel(),)](
             ptrs, meta, step_size if adam else dummy, bc2s if adam else dummy, block_tensor, block_index,
             grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
-            float(decay), float(betas[0]), float(betas[1]), float(eps), float(momentum),
+            decay_t, mom_t, float(decay), mom, float(betas[0]), float(betas[1]), float(eps),
             G_DTYPE=_tl_dtype(gd), C_DTYPE=_tl_dtype(cd), T_DTYPE=_tl_dtype(td), TC_DTYPE=_tl_dtype(tcd), ADAM=adam,
             HAS_C=cd is not None and adam, HAS_T=td is not None, HAS_TC=tcd is not None and td is not None,
-            HAS_SCALE=grad_scale is not None and adam, HAS_FOUND=found_inf is not None, BLOCK_SIZE=block,
+            HAS_SCALE=grad_scale is not None and adam, HAS_FOUND=found_inf is not None,
+            HYPER_IN_MEMORY=in_memory, BLOCK_SIZE=block,
             num_warps=8)
 
 
-def adamw_tail_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, weight_decay: float, betas, eps: float,
-                computes=None, targets=None, target_computes=None, momentum: float = 1.0,
+def adamw_tail_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, weight_decay, betas, eps: float,
+                computes=None, targets=None, target_computes=None, momentum=1.0,
                 grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
                 backend: str = "auto") -> None:
     """In place, one AdamW step of a parameter group (torch.optim.AdamW's arithmetic), the EMA of
@@ -289,7 +341,8 @@ def adamw_tail_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, weigh
     (``None`` where a parameter has no gradient, compute copy or target). ``steps``: the
     parameters' 0-d float step counts, advanced by one (unless ``found_inf`` is nonzero).
     ``grad_scale``: a device scalar multiplying every gradient (clipping); ``found_inf``: a device
-    scalar, nonzero to skip the whole update on the device."""
+    scalar, nonzero to skip the whole update on the device. ``lr``, ``weight_decay``, ``momentum``:
+    numbers or 0-d device tensors (read on the device, never on the host)."""
     params, grads = list(params), list(grads)
     exp_avgs, exp_avg_sqs, steps = list(exp_avgs), list(exp_avg_sqs), list(steps)
     if found_inf is not None:

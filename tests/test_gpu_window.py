@@ -3,6 +3,7 @@ failure, cap or lack of time becomes an error row and the window goes on; the ro
 make one page; the rehearsal runs a stage on the CPU."""
 import importlib.util
 import json
+import re
 import sys
 import time
 
@@ -100,3 +101,21 @@ def test_window_rehearsal_of_the_step_stage(tmp_path):
     assert rows[1]["optimizer"] == "fused_tail" and "token_buckets=4" in rows[1]["perf"]
     assert all(r["images_per_s"] > 0 and r["pred_depth"] == 2 for r in rows)
     assert ROOT.joinpath("benchmarks", "run_gpu.sh").read_text().count("gpu_window.py") >= 1
+
+
+def test_window_rehearsal_of_the_numerics_stage(tmp_path):
+    """The numerics stage on the CPU (tiny model, 2 steps): numerics_check.py's rows land in the window's
+    rows file, one per path and measurement, with finite errors and the tiny model's size."""
+    gw = _window()
+    text = (ROOT / "benchmarks" / "gpu_window.py").read_text()
+    assert re.search(r'"--stages", default="[a-z0-9,]*numerics', text)  # a default stage of the main command
+    assert "--tiny" in gw.numerics_command("cpu", True) and "--tiny" not in gw.numerics_command("cuda", False)
+    win = gw.Window(str(tmp_path), 600, "cpu", {"run_id": "rehearsal"})
+    gw.run_numerics(win, True)
+    rows = _rows(tmp_path / "rows.jsonl")
+    assert not any(r.get("error") for r in rows), rows
+    assert sorted((r["path"], r["what"]) for r in rows) == [
+        ("autocast", "numerics_grad_vs_fp32"), ("autocast", "numerics_update_vs_fp32"),
+        ("lean", "numerics_grad_vs_fp32"), ("lean", "numerics_update_vs_fp32")]
+    assert all(r["bench"] == "numerics" and r["run_id"] == "rehearsal" and r["embed_dim"] == 48 for r in rows)
+    assert all(0 < r["overall"] < 1 and r["overall"] <= r["worst"] for r in rows), rows

@@ -153,16 +153,26 @@ class PerfConfig:
                               ("auto", True, False))
     fp8: str = opt("auto", "float8 matmuls in the context and target encoders' linear layers (torchao; CUDA compute "
                    "capability >= 8.9): 'rowwise' or 'tensorwise' scaling, 'false' = off (true = rowwise); the "
-                   "predictor, the weights of record and the checkpoints are unchanged; auto = off",
-                   ("auto", "false", "rowwise", "tensorwise"), aliases={True: "rowwise", False: "false",
+                   "predictor, the weights of record and the checkpoints are unchanged; 'target' = rowwise in the "
+                   "target encoder's forward only, on layers of both dimensions >= fp8_min_dim; auto = off",
+                   ("auto", "false", "rowwise", "tensorwise", "target"), aliases={True: "rowwise", False: "false",
                                                                         "true": "rowwise", "none": "false",
                                                                         "off": "false"})
+    fp8_min_dim: int | str = opt("auto", "with perf.fp8: convert only linear layers whose in and out features are "
+                                 "both >= this (smaller matmuls lose more to the casts than FP8 saves); auto = 1024 "
+                                 "under fp8=target (ViT-L/H layers qualify, ViT-B's do not), every layer with "
+                                 "multiples of 16 otherwise")
     fp8_emulate: bool = opt(False, "for testing: emulate the FP8 casts with high-precision matmuls on any device "
                             "(the FP8 numerics, no speed-up)")
     optimizer: str = opt("auto", "AdamW implementation: 'fused', 'foreach', 'single' (torch), or 'fused_tail' (AdamW, "
                          "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused on CUDA, "
                          "foreach elsewhere (fused_tail is opt-in until a GPU test has compared its weights with "
                          "torch's AdamW + EMA on a card)", ("auto", "fused", "foreach", "single", "fused_tail"))
+    cuda_graphs: bool | str = opt("auto", "the graph-ready step: with perf.optimizer=fused_tail, lr, weight decay and "
+                                  "EMA momentum live in device tensors, gradient buffers persist, nothing is read "
+                                  "back (deferred step); on CUDA the whole step is captured as one CUDA graph per "
+                                  "token bucket at warm-up and replayed (needs token_buckets, one process, "
+                                  "accum_steps=1); auto = off until a GPU run has checked it", ("auto", True, False))
 
 
 @dataclass

@@ -53,6 +53,13 @@ def validate(cfg) -> None:
           "the fused tail works on whole parameters, not FSDP shards: use perf.optimizer=auto with dist.strategy=fsdp")
     _need(not (cfg.dist.strategy == "fsdp" and cfg.perf.fp8 not in ("false", "auto")), "perf.fp8",
           "FP8 linear layers are not supported with dist.strategy=fsdp here: use dist.strategy=ddp or perf.fp8=false")
+    _need(not (cfg.perf.cuda_graphs is True and cfg.perf.optimizer != "fused_tail"), "perf.cuda_graphs",
+          "the graph-ready step needs perf.optimizer=fused_tail (set it, or perf.cuda_graphs=false)")
+    _need(not (cfg.perf.cuda_graphs is True and cfg.optim.on_nonfinite != "stop"), "perf.cuda_graphs",
+          "the graph-ready step decides finiteness on the device and stops at a non-finite step: set "
+          "optim.on_nonfinite=stop or perf.cuda_graphs=false")
+    _need(not (cfg.perf.cuda_graphs is True and cfg.optim.accum_steps != 1), "perf.cuda_graphs",
+          "the graph-ready step runs one micro-batch: set optim.accum_steps=1 or perf.cuda_graphs=false")
     _need(not (cfg.perf.compile is True and cfg.perf.token_buckets == 0), "perf.token_buckets",
           "0 with perf.compile=true would compile dynamic shapes (the slow path): leave it auto or set 1-16")
 

@@ -18,6 +18,23 @@ FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Bla
 ``perf.fp8_emulate`` runs the same casts with high-precision matmuls on any device: for testing
 the numerics, with no speed-up.
 
+``perf.fp8=target`` converts only the target encoder (rowwise scaling): its forward pass, which
+runs without gradients on every image at full resolution, is about half of the encoders' linear
+FLOPs that a step spends without a backward pass, so FP8 there changes no gradient arithmetic, only
+the regression targets (to FP8 precision). Its FP8 weights are cast from the target's weights in
+each forward (torchao's dynamic scaling): writing them from the fused tail right after the EMA is
+not done.
+
+Size threshold (``perf.fp8_min_dim``; auto = ``TARGET_MIN_DIM`` = 1024 under ``fp8=target``, every
+eligible layer otherwise): FP8 pays only when the matmul's time saved exceeds the casts it adds.
+Casting an [M, K] activation reads it (bf16, plus its amax) and writes it in float8, ~6 bytes per
+element, while the matmul's time per element of that activation is 2N flops; FP8 halves that time
+on Hopper. At ~990 dense bf16 TFLOP/s and ~4.8 TB/s (H100 / H200) the half saved, N / 990e12 s,
+beats 6 / 4.8e12 s of casting when N >~ 1200, and the same holds for K and the weight's cast.
+Layers whose both dimensions are >= 1024 therefore qualify: all of ViT-H's (1280, 3840, 5120) and
+ViT-L's (1024 ...), none of ViT-B's (768). The figure is an estimate from the card's ratio of compute
+to bandwidth, not yet a measured one.
+
 torchao is optional (``pip install 'ijepa-fast[fp8]'``) and imported only when ``perf.fp8`` is on.
 """
 from __future__ import annotations
@@ -28,17 +45,37 @@ from ..errors import ConfigError
 
 RECIPES = ("rowwise", "tensorwise")
 MIN_CAPABILITY = (8, 9)
+TARGET_MIN_DIM = 1024  # perf.fp8_min_dim=auto under fp8=target (see the module's text)
+ELIGIBLE_MIN_DIM = 16  # FP8 GEMMs need multiples of 16
 
 
 def recipe(value) -> str | None:
-    """``perf.fp8`` as a recipe name, or None when off (``true`` means rowwise)."""
+    """``perf.fp8`` as a recipe name, or None when off (``true`` and ``target`` mean rowwise)."""
     if value is None or value is False or (isinstance(value, str) and value.lower() in ("false", "off", "none")):
         return None
-    if value is True or (isinstance(value, str) and value.lower() in ("true", "on")):
+    if value is True or (isinstance(value, str) and value.lower() in ("true", "on", "target")):
         return "rowwise"
     if value in RECIPES:
         return value
-    raise ConfigError(f"perf.fp8: {value!r} is not one of false, rowwise, tensorwise (true = rowwise)")
+    raise ConfigError(f"perf.fp8: {value!r} is not one of false, rowwise, tensorwise, target (true = rowwise)")
+
+
+def parts(value) -> tuple[str, ...]:
+    """The model parts whose linear layers ``perf.fp8`` converts."""
+    return ("target_encoder",) if value == "target" else ("encoder", "target_encoder")
+
+
+def min_dim(value, setting="auto") -> int:
+    """``perf.fp8_min_dim`` resolved: a layer converts when both its dimensions reach it."""
+    if setting in ("auto", None):
+        return TARGET_MIN_DIM if value == "target" else ELIGIBLE_MIN_DIM
+    try:
+        n = int(setting)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise ConfigError(f"perf.fp8_min_dim: {setting!r} is not 'auto' or a whole number >= 0")
+    return n
 
 
 def check_device(device: torch.device, emulate: bool) -> None:
@@ -64,24 +101,29 @@ def _torchao():
     return Float8LinearConfig, convert_to_float8_training
 
 
-def fp8_ok(module: torch.nn.Module) -> bool:
-    """FP8 GEMMs need both sides of the weight to be multiples of 16."""
-    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+def fp8_ok(module: torch.nn.Module, min_features: int = ELIGIBLE_MIN_DIM) -> bool:
+    """FP8 GEMMs need both sides of the weight to be multiples of 16; and both at least ``min_features``."""
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0 \
+        and min(module.in_features, module.out_features) >= min_features
 
 
-def convert(model, name: str, *, emulate: bool = False) -> int:
-    """Swap the linear layers of ``model.encoder`` and ``model.target_encoder`` for torchao
-    ``Float8Linear`` (recipe ``name``); returns how many were swapped. The predictor is untouched."""
+def convert(model, name: str, *, emulate: bool = False, parts: tuple[str, ...] = ("encoder", "target_encoder"),
+            min_features: int = ELIGIBLE_MIN_DIM) -> int:
+    """Swap the linear layers of ``model``'s ``parts`` (default the encoder and the target encoder)
+    whose both dimensions are multiples of 16 and >= ``min_features`` for torchao ``Float8Linear``
+    (recipe ``name``); returns how many were swapped. The predictor is untouched."""
     import dataclasses
 
     config_cls, convert_fn = _torchao()
     config = dataclasses.replace(config_cls.from_recipe_name(name), pad_inner_dim=True, emulate=emulate)
     before = sum(1 for m in model.modules() if type(m).__name__ == "Float8Linear")
-    for part in (model.encoder, model.target_encoder):
-        convert_fn(part, config=config, module_filter_fn=lambda mod, fqn: fp8_ok(mod))
+    for part in parts:
+        convert_fn(getattr(model, part), config=config, module_filter_fn=lambda mod, fqn: fp8_ok(mod, min_features))
     return sum(1 for m in model.modules() if type(m).__name__ == "Float8Linear") - before
 
 
-def describe(name: str, count: int, emulate: bool) -> str:
-    return (f"fp8 {name} (torchao Float8Linear on {count} encoder and target-encoder linear layers; predictor "
+def describe(name: str, count: int, emulate: bool, value=None, min_features: int = ELIGIBLE_MIN_DIM) -> str:
+    where = "target-encoder (forward only)" if value == "target" else "encoder and target-encoder"
+    size = f", both dimensions >= {min_features}" if min_features > ELIGIBLE_MIN_DIM else ""
+    return (f"fp8 {name} (torchao Float8Linear on {count} {where} linear layers{size}; predictor "
             f"unchanged{'; emulated, for testing' if emulate else ''})")

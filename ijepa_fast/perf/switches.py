@@ -16,7 +16,9 @@ copied back into the bf16 copy (one multi-tensor copy each way).
 padding masked out: the same loss and gradients, a small fixed set of block shapes.
 
 ``fp8``: the encoder's and the target encoder's linear layers run their matmuls in float8
-through torchao (see ``fp8``), on the compute copy when there is one, so the masters stay plain.
+through torchao (see ``fp8``), on the compute copy when there is one, so the masters stay plain;
+``fp8=target``: only the target encoder's (its forward), and only layers of both dimensions >=
+``fp8_min_dim`` (auto: 1024).
 
 ``activation_checkpointing``: each context-encoder and predictor block recomputes its activations
 in the backward pass: ``full`` (or ``true``) the whole block (about a third more compute, only the
@@ -32,7 +34,9 @@ Every switch defaults to ``auto``; ``resolve`` turns a config's switches into va
 device, in this module only. On CUDA ``auto`` is the fastest step measured there (bf16 weights,
 compile with 4 token buckets per doubling, torch's fused AdamW); on the CPU the plain step (bf16
 arithmetic and compiled blocks do not pay there). The fused tail stays opt-in
-(``perf.optimizer=fused_tail``) until a GPU test has compared its weights with torch's AdamW + EMA.
+(``perf.optimizer=fused_tail``) until a GPU test has compared its weights with torch's AdamW + EMA,
+and so does ``cuda_graphs`` (the graph-ready step over the fused tail, captured per token bucket on
+CUDA; see ``graphs``): its capture has not run on a GPU yet.
 ``preset=plain`` resolves every ``auto`` to the plain step, for debugging.
 """
 from __future__ import annotations
@@ -185,11 +189,23 @@ def resolve(perf, device: torch.device, strategy: str = "none"):
 
     fast = perf.preset != "plain" and device.type == "cuda"
     values = {"bf16_weights": fast and strategy != "fsdp", "compile": fast, "activation_checkpointing": False,
-              "fp8": "false", "optimizer": "fused" if device.type == "cuda" and perf.preset != "plain" else "foreach"}
+              "fp8": "false", "cuda_graphs": False,
+              "optimizer": "fused" if device.type == "cuda" and perf.preset != "plain" else "foreach"}
     out = dataclasses.replace(perf, **{k: v for k, v in values.items() if getattr(perf, k) == "auto"})
     out.preset = "plain" if perf.preset == "plain" else "fast"
+    out.fp8_min_dim = fp8.min_dim(out.fp8, out.fp8_min_dim)
     if out.token_buckets == "auto":
         out.token_buckets = AUTO_BUCKETS if out.compile else 0
+    if out.cuda_graphs is True:
+        if out.optimizer != "fused_tail":
+            raise ConfigError("perf.cuda_graphs=true needs perf.optimizer=fused_tail (its lr, weight decay and "
+                              "momentum live in device tensors): set both, or perf.cuda_graphs=false")
+        if strategy != "none":
+            raise ConfigError("perf.cuda_graphs=true runs on one process: set perf.cuda_graphs=false under "
+                              f"dist.strategy={strategy}")
+        if device.type == "cuda" and not out.token_buckets:
+            raise ConfigError("perf.cuda_graphs=true on CUDA needs static shapes: set perf.token_buckets to 1-16 "
+                              "(or perf.compile=true, which sets it)")
     if out.compile and not out.token_buckets:
         raise ConfigError("perf.token_buckets=0 with perf.compile=true would compile dynamic shapes (the slow path): "
                           "leave perf.token_buckets=auto or set 1-16, or set perf.compile=false")
@@ -218,8 +234,9 @@ def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeight
     fp8_recipe = fp8.recipe(perf.fp8)
     if fp8_recipe:
         fp8.check_device(device, perf.fp8_emulate)
-        fp8_note = "; " + fp8.describe(fp8_recipe, fp8.convert(run, fp8_recipe, emulate=perf.fp8_emulate),
-                                       perf.fp8_emulate)
+        size = fp8.min_dim(perf.fp8, getattr(perf, "fp8_min_dim", "auto"))
+        count = fp8.convert(run, fp8_recipe, emulate=perf.fp8_emulate, parts=fp8.parts(perf.fp8), min_features=size)
+        fp8_note = "; " + fp8.describe(fp8_recipe, count, perf.fp8_emulate, perf.fp8, size)
     ckpt = checkpoint_mode(perf.activation_checkpointing)
     if ckpt:
         set_activation_checkpointing(run, ckpt, selective_blocks=getattr(perf, "selective_blocks", "all"))
@@ -258,11 +275,12 @@ def optimizer_impl(perf, device: torch.device) -> str:
 
 def fused_tail(model: IJEPA, optimizer, master: MasterWeights | None, perf, device: torch.device):
     """The ``tail.FusedTail`` that ``train_step`` runs instead of optimizer.step + update_target +
-    sync_params, or None when ``perf`` does not choose it."""
+    sync_params, or None when ``perf`` does not choose it (with ``perf.cuda_graphs``: its values in
+    device tensors)."""
     if not uses_fused_tail(perf, device):
         return None
     if type(optimizer) is not torch.optim.AdamW:
         raise TypeError(f"perf.optimizer=fused_tail steps a torch.optim.AdamW's state; got {type(optimizer).__name__}")
     from .tail import FusedTail
 
-    return FusedTail(model, optimizer, master)
+    return FusedTail(model, optimizer, master, device_hyper=getattr(perf, "cuda_graphs", False) is True)

@@ -17,6 +17,12 @@ autograd adds into the same buffers): their addresses stay put, and the kernel's
 built once, not at every step. A parameter that once had a gradient is then stepped with a zero
 gradient in a step that gives it none (the engine's models give every trainable parameter a
 gradient in every step).
+
+``device_hyper=True`` (``perf.cuda_graphs``): each group's learning rate and weight decay and the
+EMA momentum live in device tensors (float64, one set per tail), written in place by ``stage``
+before each step (``fill_``: no host synchronisation) and read by the kernels from device memory;
+``step`` then launches the same kernels with the same arguments every step, so it can be captured
+in a CUDA graph and replayed with new values.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ from ..model import IJEPA
 class FusedTail:
     """AdamW + EMA + compute-copy refresh for ``model``'s ``optimizer`` (a torch.optim.AdamW)."""
 
-    def __init__(self, model: IJEPA, optimizer: torch.optim.Optimizer, master=None, backend: str | None = None):
+    def __init__(self, model: IJEPA, optimizer: torch.optim.Optimizer, master=None, backend: str | None = None,
+                 device_hyper: bool = False):
         if not isinstance(optimizer, torch.optim.AdamW):
             raise TypeError(f"the fused tail steps a torch.optim.AdamW, not {type(optimizer).__name__}")
         for g in optimizer.param_groups:
@@ -44,6 +51,23 @@ class FusedTail:
             if master is not None else {}
         stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self._ema_only = [(p, t) for p, t in pairs if id(p) not in stepped]  # frozen encoder parameters
+        self.device_hyper = device_hyper
+        if device_hyper:
+            dev = next(model.parameters()).device
+            self._lr = [torch.zeros((), dtype=torch.float64, device=dev) for _ in optimizer.param_groups]
+            self._wd = [torch.zeros((), dtype=torch.float64, device=dev) for _ in optimizer.param_groups]
+            self._momentum = torch.zeros((), dtype=torch.float64, device=dev)
+
+    @torch.no_grad()
+    def stage(self, momentum: float) -> None:
+        """With ``device_hyper``: the groups' current lr and weight decay and ``momentum`` written
+        into the device tensors the next ``step`` reads (in place, no host synchronisation)."""
+        if not self.device_hyper:
+            raise RuntimeError("FusedTail.stage needs device_hyper=True")
+        for group, lr, wd in zip(self.optimizer.param_groups, self._lr, self._wd):
+            lr.fill_(float(group["lr"]))
+            wd.fill_(float(group["weight_decay"]))
+        self._momentum.fill_(float(momentum))
 
     def _state(self, p: torch.Tensor) -> dict:
         """torch's AdamW state of ``p``, created as torch creates it; the step count on p's device."""
@@ -62,16 +86,21 @@ class FusedTail:
         """One AdamW step of every group at its current lr / weight decay / betas / eps, the EMA at
         ``momentum`` and the compute copies. ``from_compute``: take the gradients from the bf16
         compute copy (no fp32 master gradients were made). ``grad_scale``: a device scalar
-        multiplying every gradient (clipping). ``found_inf``: a device scalar; nonzero skips it all."""
+        multiplying every gradient (clipping). ``found_inf``: a device scalar; nonzero skips it all.
+        With ``device_hyper`` the values ``stage`` wrote are used (``momentum`` is ignored)."""
         tc_of = self._compute.get
-        for group in self.optimizer.param_groups:
+        if self.device_hyper:
+            momentum = self._momentum
+        for gi, group in enumerate(self.optimizer.param_groups):
+            lr, wd = (self._lr[gi], self._wd[gi]) if self.device_hyper else \
+                (float(group["lr"]), float(group["weight_decay"]))
             params = list(group["params"])
             grads = [self._grad(p, from_compute) for p in params]
             states = [self._state(p) if g is not None else {} for p, g in zip(params, grads)]
             targets = [self._target.get(id(p)) for p in params]
             adamw_tail_(params, grads, [s.get("exp_avg") for s in states], [s.get("exp_avg_sq") for s in states],
-                        [s.get("step") for s in states], lr=float(group["lr"]),
-                        weight_decay=float(group["weight_decay"]), betas=group["betas"], eps=float(group["eps"]),
+                        [s.get("step") for s in states], lr=lr,
+                        weight_decay=wd, betas=group["betas"], eps=float(group["eps"]),
                         computes=[tc_of(id(p)) for p in params], targets=targets,
                         target_computes=[tc_of(id(t)) if t is not None else None for t in targets],
                         momentum=momentum, grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)

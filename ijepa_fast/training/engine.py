@@ -25,7 +25,8 @@ The assembly, in this order and nowhere else (``ijepa-fast train``, ``ijepa-fast
        picks torch's implementation)
     5. the fused optimiser tail (``perf.optimizer=fused_tail``), over that optimiser's state
     6. the token-bucket warm-up (``warm_up``): with compile, every bucketed shape of the coming steps
-       compiled before the first step (the first ``step`` runs it when nobody did)
+       compiled before the first step (the first ``step`` runs it when nobody did); with
+       ``perf.cuda_graphs`` on CUDA, each bucket's whole step captured as a CUDA graph
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ..checkpoint.states import engine_state, load_engine_state
 from ..config import MaskConfig, PerfConfig
 from ..masks import MaskBatch, MultiBlockSampler
 from ..model import IJEPA
+from ..perf.graphs import StepGraphs
 from ..perf.switches import apply as apply_perf
 from ..perf.switches import describe as describe_perf
 from ..perf.switches import fused_tail, optimizer_impl, resolve
@@ -90,9 +92,16 @@ class Engine(nn.Module):
         self.optimizer = optimizer or make_optimizer(self.model, lr=lr, weight_decay=weight_decay,  # 4.
                                                      betas=betas, eps=eps, impl=optimizer_impl(self.perf, self.device))
         self.tail = fused_tail(self.model, self.optimizer, self.master, self.perf, self.device)  # 5.
-        self.deferred = bool(defer) and self.tail is not None and not distributed.active()
+        graph_ready = self.tail is not None and self.tail.device_hyper  # perf.cuda_graphs: always deferred
+        if graph_ready and accum_steps != 1:
+            from ..errors import ConfigError
+
+            raise ConfigError("perf.cuda_graphs=true runs one micro-batch: set optim.accum_steps=1 or "
+                              "perf.cuda_graphs=false")
+        self.deferred = (bool(defer) or graph_ready) and self.tail is not None and not distributed.active()
         self.halt = torch.zeros((), device=self.device) if self.deferred else None
-        self.warmed_up = not self.perf.compile  # 6. on the first step, unless warm_up ran before
+        self.graphs = StepGraphs(self.device, self.halt) if graph_ready else None
+        self.warmed_up = not (self.perf.compile or (graph_ready and self.graphs.capturing))  # 6. on the first step
         self.next_step = 0  # the step the next call trains (the schedules' and the sampler's index)
 
     @classmethod
@@ -123,10 +132,13 @@ class Engine(nn.Module):
         shape among the masks of steps ``start`` .. ``start + steps - 1`` (default: from the next
         step), each micro-batch as the step slices it, so the blocks compile before training and
         not on the first step of each bucket. Zero images, the step's precision; weights, gradients,
-        optimiser and random state untouched. Returns the number of shapes run (0 when compile is
-        off and ``force`` is not set)."""
+        optimiser and random state untouched. With ``perf.cuda_graphs`` on CUDA each shape's whole
+        step is then captured as a CUDA graph (with the halt flag set: no weight changes). Returns
+        the number of shapes run (0 when neither compile nor graph capture is on and ``force`` is
+        not set)."""
         self.warmed_up = True
-        if not (force or self.perf.compile):
+        capture = self.graphs is not None and self.graphs.capturing
+        if not (force or self.perf.compile or capture):
             return 0
         start = self.next_step if start is None else start
         p = self.model.encoder.patch_size
@@ -139,9 +151,25 @@ class Engine(nn.Module):
         t0 = time.time()
         with torch.autocast(self.device.type, dtype=half or torch.float32, enabled=half is not None):
             n = warm_up_shapes(self.run_model, images, masks)
+        if capture:
+            n = self._capture_graphs(images, masks)
         log.info(f"token buckets: {n} block shapes compiled before training in {time.time() - t0:.1f} s "
                  f"(the masks of the next {steps} steps)")
         return n
+
+    def _capture_graphs(self, images: torch.Tensor, masks) -> int:
+        """One CUDA graph of the whole step per distinct bucketed shape among ``masks``."""
+        from ..perf.buckets import shape_key
+        from .step import graph_step_fn
+
+        fn = graph_step_fn(self.model, self.optimizer, master=self.master, forward=self._wrapped[0],
+                           grad_clip=self.grad_clip, tail=self.tail, halt=self.halt, precision=self.precision)
+        self.tail.stage(self.schedules.momentum_at(self.next_step))
+        for m in masks:
+            prepared = self.prepare(m)
+            self.graphs.capture(shape_key(prepared), images[:m.batch_size], prepared, fn)
+        log.info(f"cuda graphs: {len(self.graphs.graphs)} step graphs captured (one per token bucket)")
+        return len(self.graphs.graphs)
 
     def forward(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
         """The plain I-JEPA loss of a batch (no optimiser, no EMA)."""
@@ -176,7 +204,8 @@ class Engine(nn.Module):
         result = train_step(self.model, optimizer or self.optimizer, images.to(self.device, non_blocking=True), masks,
                             step, self.schedules, precision=self.precision, grad_clip=self.grad_clip,
                             master=self.master, forward=self._wrapped[0], accum_steps=self.accum_steps, agree=agree,
-                            grad_reduce=self.grad_reduce, tail=self.tail, sync=not self.deferred, halt=self.halt)
+                            grad_reduce=self.grad_reduce, tail=self.tail, sync=not self.deferred, halt=self.halt,
+                            graphs=self.graphs)
         self.next_step = step + 1
         return result
 
@@ -191,5 +220,8 @@ class Engine(nn.Module):
         """Restore ``state_dict()``'s output; the next ``step()`` continues the run exactly."""
         self.next_step = load_engine_state(state, model=self.model, optimizer=self.optimizer, sampler=self.sampler,
                                            strict=strict)
+        if self.graphs is not None and self.graphs.graphs:  # the captured steps point at the old optimiser state
+            self.graphs = StepGraphs(self.device, self.halt)
+            self.warmed_up = False
         if self.master is not None:
             self.master.sync_params()

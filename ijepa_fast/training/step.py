@@ -113,7 +113,7 @@ def micro_batches(images: torch.Tensor, masks, n: int):
 def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Tensor, masks: MaskBatch | PackedMasks,
                step: int, schedules, *, precision: str = "auto", grad_clip: float | None = None,
                master=None, forward=None, accum_steps: int = 1, agree=None, grad_reduce=None, tail=None,
-               sync: bool = True, halt: torch.Tensor | None = None) -> StepResult:
+               sync: bool = True, halt: torch.Tensor | None = None, graphs=None) -> StepResult:
     """One step: set LR/WD, forward, backward, (clip), AdamW, EMA update of the target encoder.
 
     ``master``: a ``perf.MasterWeights`` whose fp32 ``master`` is ``model`` (the optimiser's): the
@@ -137,8 +137,25 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
     step is skipped there (neither AdamW nor the EMA writes anything) and the result holds device
     tensors (``read_results`` reads them). ``halt``: a device flag that a non-finite step sets and
     that skips every later step while set (so the state stays that of the last good step).
+
+    A ``tail`` with ``device_hyper`` (``perf.cuda_graphs``) takes the graph-ready step: the
+    scheduled values are staged into the tail's device tensors, then forward, backward and the
+    deferred tail run as one device-only function of (images, masks), which ``graphs`` (a
+    ``perf.graphs.StepGraphs``) replays from a CUDA graph per bucketed shape; always deferred.
     """
     lr, wd = schedules.apply(optimizer, step)
+    if tail is not None and tail.device_hyper:
+        tail.stage(schedules.momentum_at(step))
+        fn = graph_step_fn(model, optimizer, master=master, forward=forward, grad_clip=grad_clip, tail=tail,
+                           halt=halt, precision=precision, accum_steps=accum_steps, agree=agree,
+                           grad_reduce=grad_reduce)
+        if graphs is None:
+            value, norm, bad = fn(images, masks)
+        else:
+            from ..perf.buckets import shape_key
+
+            value, norm, bad = graphs.run(shape_key(masks), images, masks, fn)
+        return StepResult(value, lr, wd, schedules.momentum_at(step), norm, skipped=bad)
     runner = forward or (master.compute if master is not None else model)
     parts = micro_batches(images, masks, accum_steps)
     direct = tail is not None and master is not None and len(parts) == 1 and grad_reduce is None
@@ -187,6 +204,36 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
     if master is not None:
         master.sync_params()
     return StepResult(value, lr, wd, momentum, grad_norm)
+
+
+def graph_step_fn(model: IJEPA, optimizer, *, master=None, forward=None, grad_clip=None, tail=None, halt=None,
+                  precision: str = "auto", accum_steps: int = 1, agree=None, grad_reduce=None):
+    """The graph-ready step's device part, ``fn(images, masks) -> (loss, gradient norm, skipped)``:
+    forward, backward, the deferred fused tail (its values staged by ``tail.stage``); it launches
+    the same work every call and reads nothing back. Needs a tail with ``device_hyper``, one
+    micro-batch, one process."""
+    if tail is None or not tail.device_hyper:
+        raise ValueError("the graph-ready step needs the fused tail with device_hyper=True (perf.optimizer=fused_tail)")
+    if accum_steps != 1 or agree is not None or grad_reduce is not None:
+        raise ValueError("the graph-ready step runs one micro-batch on one process (optim.accum_steps=1, no "
+                         "distributed run)")
+    runner = forward or (master.compute if master is not None else model)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    direct = master is not None
+
+    def fn(images, masks):
+        if master is not None:
+            loss = runner(images.to(master.dtype), masks)
+        else:
+            dtype = autocast_dtype(images.device, precision)
+            with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = runner(images, masks)
+        loss.backward()
+        result = _deferred_tail(tail, [loss.detach().float()], params, grad_clip, 0.0, direct, halt, runner,
+                                (0.0, 0.0))
+        return result.loss, result.grad_norm, result.skipped
+
+    return fn
 
 
 def _clip_scale(norm: torch.Tensor, grad_clip: float) -> torch.Tensor:
