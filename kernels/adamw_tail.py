@@ -29,6 +29,8 @@ the compute copy equals ``p.to(torch.bfloat16)`` exactly, in the interpreter as 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from .dispatch import block_rows, use_triton
@@ -234,8 +236,25 @@ if triton is not None:
 
 
 _TL_DTYPES = {}
-_CACHE: dict = {}  # pointer tables, by address
-_BLOCKS: dict = {}  # block tables, by size
+_CACHE: OrderedDict = OrderedDict()  # pointer tables, by address (least recently used evicted first)
+_BLOCKS: OrderedDict = OrderedDict()  # block tables, by size
+_CACHE_SIZE, _BLOCKS_SIZE = 64, 32
+
+
+def _remember(cache: OrderedDict, size: int, key, value):
+    """Keep ``value`` under ``key``, evicting the least recently used entry beyond ``size`` (a run's own
+    tables, used every step, are never the ones to go)."""
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return value
+
+
+def _recall(cache: OrderedDict, key):
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+    return hit
 
 
 def _tl_dtype(dtype):
@@ -261,15 +280,14 @@ def _block_tables(sizes: tuple, block: int, dev: torch.device) -> tuple[torch.Te
     """(tensor of each block, index of the block in its tensor), built once per set of sizes with
     vectorised torch ops (a ViT-H group has ~300k blocks) and cached: they do not depend on addresses."""
     key = (block, str(dev), sizes)
-    hit = _BLOCKS.get(key)
+    hit = _recall(_BLOCKS, key)
     if hit is None:
         nblocks = (torch.tensor(sizes, dtype=torch.int64) + block - 1) // block
         block_tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), nblocks)
         starts = torch.cumsum(nblocks, 0) - nblocks
         block_index = torch.arange(int(nblocks.sum()), dtype=torch.int64) - torch.repeat_interleave(starts, nblocks)
-        if len(_BLOCKS) > 16:
-            _BLOCKS.clear()
-        hit = _BLOCKS[key] = (_upload(block_tensor, dev), _upload(block_index.to(torch.int32), dev))
+        hit = _remember(_BLOCKS, _BLOCKS_SIZE, key,
+                        (_upload(block_tensor, dev), _upload(block_index.to(torch.int32), dev)))
         BUILDS["blocks"] += 1
     return hit
 
@@ -281,13 +299,11 @@ def _tables(rows, coef_rows, block: int, dev: torch.device):
     ptrs = tuple(x.data_ptr() if x is not None else 0 for r in rows for x in r[:4] + r[5:])
     sizes = tuple(r[0].numel() for r in rows)
     key = ("pointers", str(dev), ptrs, sizes, tuple(coef_rows))
-    hit = _CACHE.get(key)
+    hit = _recall(_CACHE, key)
     if hit is None:
-        if len(_CACHE) > 32:
-            _CACHE.clear()
         meta = [v for n, j in zip(sizes, coef_rows) for v in (n, j)]
-        hit = _CACHE[key] = (_upload(torch.tensor(ptrs, dtype=torch.int64), dev),
-                             _upload(torch.tensor(meta, dtype=torch.int64), dev))
+        hit = _remember(_CACHE, _CACHE_SIZE, key, (_upload(torch.tensor(ptrs, dtype=torch.int64), dev),
+                                                   _upload(torch.tensor(meta, dtype=torch.int64), dev)))
         BUILDS["pointers"] += 1
     return hit + _block_tables(sizes, block, dev)
 
