@@ -12,10 +12,7 @@ import importlib.util
 import warnings
 
 MOVED = {
-    "ijepa_fast.batching": "ijepa_fast.training.batching",
-    "ijepa_fast.bench_compare": "ijepa_fast.bench.compare",
     "ijepa_fast.bench_report": "ijepa_fast.bench.report",
-    "ijepa_fast.bench_suite": "ijepa_fast.bench.suite",
     "ijepa_fast.buckets": "ijepa_fast.perf.buckets",
     "ijepa_fast.config_reference": "ijepa_fast.config.reference",
     "ijepa_fast.config_schema": "ijepa_fast.config.schema",
@@ -29,7 +26,6 @@ MOVED = {
     "ijepa_fast.packing": "ijepa_fast.perf.packing",
     "ijepa_fast.profiling": "ijepa_fast.bench.profiling",
     "ijepa_fast.run_folder": "ijepa_fast.training.run_folder",
-    "ijepa_fast.run_lock": "ijepa_fast.training.run_lock",
     "ijepa_fast.saved_memory": "ijepa_fast.bench.saved_memory",
     "ijepa_fast.schedules": "ijepa_fast.training.schedules",
     "ijepa_fast.step": "ijepa_fast.training.step",
