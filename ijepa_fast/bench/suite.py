@@ -120,12 +120,12 @@ class SuiteEntry:
     step: str = "ijepa-fast"
 
 
-def read_suite(path, root: Path | None = None) -> list[SuiteEntry]:
+def read_suite(path, root: Path | None = None, skipped: list | None = None) -> list[SuiteEntry]:
     """A suite file as entries. The file is a mapping with ``runs:``, a list whose items are a config
     name, or ``{config: NAME, overrides: [key=value, ...], label: TEXT, step: ijepa-fast | released,
     needs: PATH}``; ``needs`` drops the item when PATH (relative to ``root``, default the suite
-    file's repository) does not exist (the released step needs ``.bench_ref/``). ``overrides`` may
-    also be a mapping ``{key: value}``."""
+    file's repository) does not exist (the released step needs ``.bench_ref/``), adding a note
+    saying so to ``skipped`` when given. ``overrides`` may also be a mapping ``{key: value}``."""
     import yaml
 
     path = Path(path)
@@ -152,6 +152,9 @@ def read_suite(path, root: Path | None = None) -> list[SuiteEntry]:
         if item.get("step", "ijepa-fast") not in STEPS:
             raise ConfigError(f"suite {path}: runs[{i}].step is {item['step']!r}; use one of {', '.join(STEPS)}")
         if item.get("needs") and not (root / item["needs"]).exists():
+            if skipped is not None:
+                skipped.append(f"{item.get('label') or item['config']}: left out, {root / item['needs']} does "
+                               f"not exist")
             continue
         over = item.get("overrides") or []
         if isinstance(over, dict):
@@ -188,3 +191,83 @@ def run_suite(entries: list[SuiteEntry], measure: Callable[[SuiteEntry], list[di
         bar.update(1)
     bar.close()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the released step, and `ijepa-fast bench --suite`
+
+def released_rows(cfg, *, steps: int, warmup: int, device: str, root: Path = ROOT) -> list[dict]:
+    """The released step's rows for a config's model, patch, batch, predictor depth and resolution,
+    fed ijepa-fast's reference-mode masks (equal work), timed in a subprocess by
+    ``benchmarks/reference_equal_work.py``; a ConfigError when ``.bench_ref/`` lacks the released code."""
+    import sys
+
+    if not (root / ".bench_ref" / "reference_step.py").exists():
+        raise ConfigError(f"the released step needs the released code in {root / '.bench_ref'} "
+                          f"(see benchmarks/prepare_device.sh)")
+    m = cfg.model
+    cmd = [sys.executable, str(root / "benchmarks" / "reference_equal_work.py"), "--model", m.name, "--patch",
+           str(m.patch_size), "--batch", str(cfg.data.batch_size), "--steps", str(steps), "--warmup", str(warmup),
+           "--pred-depth", str(m.pred_depth), "--crop", str(cfg.data.crop_size), "--device", device]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": ""})
+    rows, tokens = [], None
+    for line in p.stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        if r.get("what") == "official_mask_collator":
+            tokens = r.get("mean_ctx_tokens")
+        elif r.get("what") == "official_train_step":
+            rows.append({**r, "bench": "reference_step", "variant": "released", "pred_depth": m.pred_depth,
+                         "img": cfg.data.crop_size, "mean_ctx_tokens": tokens})
+    if not rows:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the released step gave no row (exit {p.returncode}): {tail}")
+    return rows
+
+
+def run_command(args, overrides: list[str]) -> int:
+    """``ijepa-fast bench --suite FILE.yaml [KEY=VALUE ...] [--out NAME]``: every entry of the suite
+    (its overrides, then these), timed as ``bench CONFIG`` times one (``step.measure``, ``--steps``,
+    ``--warmup``, ``--repeats``), each in its own try, with a progress bar; the rows as JSON lines
+    on stdout as measured, then NAME.jsonl, .csv, .md and .png (``compare.write_report``)."""
+    import sys
+
+    from ..config import Config, load_config, merge, parse_override
+    from ..training.setup import resolve_device
+    from .compare import run_label, write_report
+    from .step import matmul_peak_tflops, measure
+
+    for text in overrides:  # a wrong key or value in the command's overrides stops here, before any work
+        merge(Config(), parse_override(text))
+    skipped: list[str] = []
+    entries = read_suite(args.suite, skipped=skipped)
+    for note in skipped:
+        print(f"note: {note}", file=sys.stderr)
+    device = resolve_device(args.device or "auto")
+    peak = matmul_peak_tflops(device)
+
+    def one(entry: SuiteEntry) -> list[dict]:
+        cfg = load_config(entry.config, [*entry.overrides, *overrides])
+        if entry.step == "released":
+            rows = released_rows(cfg, steps=args.steps, warmup=args.warmup, device=str(device))
+            rows = [{**r, **row_metadata(cfg.to_dict(), str(device))} for r in rows]
+        else:
+            rows = [measure(cfg, device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                            peak_tflops=peak)]
+        for r in rows:
+            print(json.dumps({"config": entry.config, "label": entry.label, **r}), flush=True)
+        return rows
+
+    rows = run_suite(entries, one, progress=True)
+    out = args.out or Path(args.suite).stem
+    run = run_label(rows, Path(out).name)
+    rows = [{**r, "run": run} for r in rows]
+    failed = [r for r in rows if r.get("error")]
+    for r in failed:
+        print(f"{r['label']}: {r['error']}", file=sys.stderr, flush=True)
+    paths = write_report(rows, out, title=f"Benchmark suite {Path(args.suite).name}",
+                         command="ijepa-fast " + " ".join(args.argv))
+    print(f"{len(rows)} rows ({len(failed)} with an error) on {row_metadata(None, str(device))['card']} -> "
+          + ", ".join(map(str, paths.values())))
+    return 1 if rows and len(failed) == len(rows) else 0
