@@ -208,10 +208,10 @@ def cmd_bench(args) -> int:
         _check_input(args.suite, "suite")
         if args.device:
             _device(args)
-        from .bench.suite import run_command as run_suite
+        from .bench.command import run_suite_file
 
-        return run_suite(args, overrides)
-    from .bench.step import shortcut_overrides
+        return run_suite_file(args, overrides)
+    from .bench.command import shortcut_overrides
     from .config import load_config
     from .models import VIT_SIZES
 
@@ -233,9 +233,9 @@ def cmd_bench(args) -> int:
         from .training.setup import resolve_device
 
         device = resolve_device(cfg.run.device)
-    from .bench.step import run_command
+    from .bench.command import run_config
 
-    return run_command(args, cfg, device, config, overrides)
+    return run_config(args, cfg, device, config, overrides)
 
 
 def _check_input(path, what: str) -> None:

@@ -40,6 +40,7 @@ from ..training.engine import Engine
 from ..training.schedules import Schedules
 from ..training.step import read_results
 from .report import RECIPES, add_spec_mfu, gpu_hours  # noqa: F401  (RECIPES: re-exported)
+from .suite import row_metadata, window_stats
 
 PUBLISHED_BATCH = {"vit_base": 256, "vit_large": 128, "vit_huge": 128, "vit_giant": 16, "vit_small": 256,
                    "vit_tiny": 256}
@@ -201,8 +202,6 @@ def measure(cfg: Config, *, device, steps: int = 10, warmup: int = 3, repeats: i
     batch over its median step time; the row's ``images_per_s`` is the median of the windows, and
     ``windows`` their ``window_stats`` (median, min, max, spread). One result row (see the module
     docstring), with ``row_metadata``."""
-    from .suite import row_metadata, window_stats
-
     if steps < 1 or warmup < 0 or repeats < 1:
         raise ConfigError(f"bench: steps ({steps}) and repeats ({repeats}) must be at least 1, warmup ({warmup}) "
                           f"at least 0")
@@ -290,70 +289,3 @@ def _layout(masks) -> str:
 def check_model(name: str) -> None:
     if name not in VIT_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(VIT_SIZES)}")
-
-
-def shortcut_overrides(args, config: str | None) -> list[str]:
-    """The ``bench`` flags (``--model``, ``--patch``, ``--img``, ``--batch``, ``--pred-depth``) as
-    config overrides. Without a CONFIG they build one from the defaults as before: ViT-H/14 (patch 16
-    for the other sizes) at the model's published per-GPU batch, 224 px, predictor depth 12."""
-    out = []
-    model = args.model or (None if config else "vit_huge")
-    if model:
-        out.append(f"model.name={model}")
-    patch = args.patch or (None if config else 14 if model == "vit_huge" else 16)
-    batch = args.batch or (None if config else PUBLISHED_BATCH.get(model, 1))
-    for key, value in (("model.patch_size", patch), ("data.crop_size", args.img or (None if config else 224)),
-                       ("data.batch_size", batch), ("model.pred_depth", args.pred_depth or (None if config else 12))):
-        if value is not None:
-            out.append(f"{key}={value}")
-    return out
-
-
-def perf_flags(args) -> dict:
-    """``--perf KEY=VALUE`` (repeatable) and ``--fp8`` as perf.* settings, checked."""
-    bad = [kv for kv in args.perf if "=" not in kv]
-    if bad:
-        raise ConfigError(f"--perf {bad[0]}: expected KEY=VALUE, e.g. --perf optimizer=fused_tail")
-    perf = dict(kv.removeprefix("perf.").split("=", 1) for kv in args.perf)
-    if args.fp8:
-        perf["fp8"] = args.fp8
-    merge(PerfConfig(), dict(perf), "perf.")  # a wrong key or value stops here, before any work
-    return perf
-
-
-def variants(cfg: Config, masks: tuple, paths: str, perf: dict) -> list[Config]:
-    """The configs one ``bench`` command times: for each mask mode (``()``: the config's own), first
-    the config as given (with no perf key set: ``"perf": "defaults"``, the step ``ijepa-fast train``
-    runs), then the plain path (``paths`` plain or both: ``perf.preset=plain``, the reference
-    kernels, the padded layout) and the ``--perf`` / ``--fp8`` variant."""
-    out = []
-    for mode in masks or (cfg.mask.mode,):
-        base = dataclasses.replace(cfg, mask=dataclasses.replace(cfg.mask, mode=mode))
-        out.append(base)
-        if paths in ("plain", "both"):
-            model = dataclasses.replace(base.model, kernels="reference", layout="padded")
-            out.append(dataclasses.replace(base, model=model, perf=PerfConfig(preset="plain")))
-        if perf:
-            fast = copy.deepcopy(base)
-            merge(fast.perf, dict(perf), "perf.")
-            out.append(fast)
-    return out
-
-
-def run_command(args, cfg: Config, device: torch.device, config: str | None, overrides: list[str]) -> int:
-    """``ijepa-fast bench [CONFIG] [KEY=VALUE ...]``: one JSON line per config of ``variants`` (see
-    there), each timed by ``measure``; ``cfg``: the loaded config (with the shortcut flags applied)."""
-    import json
-
-    perf = perf_flags(args)
-    masks = () if config and not args.masks else ("reference", "default") if args.masks in (None, "both") \
-        else (args.masks,)
-    peak = matmul_peak_tflops(device)
-    for c in variants(cfg, masks, args.paths or ("fast" if config else "both"), perf):
-        row = measure(c, device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats, peak_tflops=peak)
-        row.update(config=config or "(flags)", overrides=overrides)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-    return 0

@@ -194,7 +194,7 @@ def run_suite(entries: list[SuiteEntry], measure: Callable[[SuiteEntry], list[di
 
 
 # ---------------------------------------------------------------------------------------------
-# the released step, and `ijepa-fast bench --suite`
+# the released step
 
 def released_rows(cfg, *, steps: int, warmup: int, device: str, root: Path = ROOT) -> list[dict]:
     """The released step's rows for a config's model, patch, batch, predictor depth and resolution,
@@ -224,50 +224,3 @@ def released_rows(cfg, *, steps: int, warmup: int, device: str, root: Path = ROO
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the released step gave no row (exit {p.returncode}): {tail}")
     return rows
-
-
-def run_command(args, overrides: list[str]) -> int:
-    """``ijepa-fast bench --suite FILE.yaml [KEY=VALUE ...] [--out NAME]``: every entry of the suite
-    (its overrides, then these), timed as ``bench CONFIG`` times one (``step.measure``, ``--steps``,
-    ``--warmup``, ``--repeats``), each in its own try, with a progress bar; the rows as JSON lines
-    on stdout as measured, then NAME.jsonl, .csv, .md and .png (``compare.write_report``)."""
-    import sys
-
-    from ..config import Config, load_config, merge, parse_override
-    from ..training.setup import resolve_device
-    from .compare import run_label, write_report
-    from .step import matmul_peak_tflops, measure
-
-    for text in overrides:  # a wrong key or value in the command's overrides stops here, before any work
-        merge(Config(), parse_override(text))
-    skipped: list[str] = []
-    entries = read_suite(args.suite, skipped=skipped)
-    for note in skipped:
-        print(f"note: {note}", file=sys.stderr)
-    device = resolve_device(args.device or "auto")
-    peak = matmul_peak_tflops(device)
-
-    def one(entry: SuiteEntry) -> list[dict]:
-        cfg = load_config(entry.config, [*entry.overrides, *overrides])
-        if entry.step == "released":
-            rows = released_rows(cfg, steps=args.steps, warmup=args.warmup, device=str(device))
-            rows = [{**r, **row_metadata(cfg.to_dict(), str(device))} for r in rows]
-        else:
-            rows = [measure(cfg, device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                            peak_tflops=peak)]
-        for r in rows:
-            print(json.dumps({"config": entry.config, "label": entry.label, **r}), flush=True)
-        return rows
-
-    rows = run_suite(entries, one, progress=True)
-    out = args.out or Path(args.suite).stem
-    run = run_label(rows, Path(out).name)
-    rows = [{**r, "run": run} for r in rows]
-    failed = [r for r in rows if r.get("error")]
-    for r in failed:
-        print(f"{r['label']}: {r['error']}", file=sys.stderr, flush=True)
-    paths = write_report(rows, out, title=f"Benchmark suite {Path(args.suite).name}",
-                         command="ijepa-fast " + " ".join(args.argv))
-    print(f"{len(rows)} rows ({len(failed)} with an error) on {row_metadata(None, str(device))['card']} -> "
-          + ", ".join(map(str, paths.values())))
-    return 1 if rows and len(failed) == len(rows) else 0
