@@ -12,7 +12,8 @@ Stages, in order:
   ``DIR/gpu_tests.txt`` and one row counts passed / failed / skipped.
 - ``step``: for ViT-H/14 b128 and ViT-B/16 b256 at reference masks, the released step (fed the same
   masks, at the same predictor depth; skipped, saying so, without ``.bench_ref/``) and our step as
-  the recipe ships, at its best measured variant and (ViT-H) the memory variant.
+  the recipe ships (``defaults``: no perf keys, every switch 'auto'), at its best measured variant
+  and (ViT-H) the memory variant; then ViT-H ``eager`` (compile and bf16 weights off).
 - ``profile``: one profiled step of the 0-sync configuration (fused tail, deferred step) of ViT-H.
 - ``fp8``: ViT-H/14 b128 with FP8 rowwise linear layers (best variant), after the profile, so that a
   slow FP8 warm-up cannot take the other rows' time.
@@ -77,26 +78,32 @@ class Model:
 
 
 def window_models(rehearse: bool, extras: bool) -> tuple[list[Model], list[Model]]:
-    """The models and variants of one command: (the step stage's, the FP8 stage's). FP8 comes last,
-    after the profile, so that a slow FP8 warm-up cannot take the other rows' time."""
-    shipped = Variant("shipped", {"compile": "false", "bf16_weights": "false"})  # no perf keys in the recipes
+    """The models and variants of one command: (the step stage's, the FP8 stage's). Each model's first
+    row is ``defaults``: the recipe as shipped, no perf keys, every switch 'auto' and resolved for the
+    device (``perf.switches.resolve``), the step ``ijepa-fast train`` runs. The explicit variants
+    follow; ``eager`` (compile and bf16 weights off, the recipes' step before the switches defaulted
+    to 'auto') comes after every model's other rows, so that a short window cuts it first. FP8 comes
+    last, after the profile, so that a slow FP8 warm-up cannot take the other rows' time."""
+    eager = {"compile": "false", "bf16_weights": "false"}
     memory = {**BEST, "activation_checkpointing": "selective", "selective_blocks": "predictor"}
     if rehearse:  # the same stages and variants, tiny and on the CPU (FP8 emulated)
-        tiny = Model("vit_tiny", 16, 2, 2, [Variant("shipped", shipped.perf, cap_s=120),
+        tiny = Model("vit_tiny", 16, 2, 2, [Variant("defaults", {}, cap_s=120),
                                            Variant("best", dict(BEST), cap_s=120),
                                            Variant("memory", memory, cap_s=120)], released_cap_s=240)
         fp8 = Model("vit_tiny", 16, 2, 2, [Variant("fp8", {**BEST, "fp8_emulate": "true"}, fp8="rowwise",
                                                    cap_s=180)], released_cap_s=0)
+        late = Model("vit_tiny", 16, 2, 2, [Variant("eager", dict(eager), cap_s=120)], released_cap_s=0)
         return ([Model("vit_tiny", 16, 2, 2, tiny.variants[1:2], released_cap_s=240)], []) if extras \
-            else ([tiny], [fp8])
+            else ([tiny, late], [fp8])
     if extras:
         return [Model("vit_large", 16, 128, 12, [Variant("best", dict(BEST), cap_s=80)], released_cap_s=45),
                 Model("vit_giant", 16, 16, 16, [Variant("best", dict(BEST), cap_s=100)], released_cap_s=60)], []
-    return ([Model("vit_huge", 14, 128, 12, [Variant("shipped", shipped.perf, cap_s=45),
+    return ([Model("vit_huge", 14, 128, 12, [Variant("defaults", {}, cap_s=75),
                                              Variant("best", dict(BEST), cap_s=75),
                                              Variant("memory", memory, cap_s=70)], released_cap_s=45),
-             Model("vit_base", 16, 256, 12, [Variant("shipped", shipped.perf, cap_s=35),
-                                             Variant("best", dict(BEST), cap_s=50)], released_cap_s=35)],
+             Model("vit_base", 16, 256, 12, [Variant("defaults", {}, cap_s=50),
+                                             Variant("best", dict(BEST), cap_s=50)], released_cap_s=35),
+             Model("vit_huge", 14, 128, 12, [Variant("eager", dict(eager), cap_s=45)], released_cap_s=0)],
             [Model("vit_huge", 14, 128, 12, [Variant("fp8", dict(BEST), fp8="rowwise", cap_s=100)],
                    released_cap_s=0)])
 

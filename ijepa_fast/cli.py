@@ -4,7 +4,8 @@
     ijepa-fast config [CONFIG] [section.key=value ...] [--describe [NAME]]  the resolved config / what options mean
     ijepa-fast export CHECKPOINT OUT [--format safetensors|timm|hf --which target|encoder]   export an encoder
     ijepa-fast import SRC OUT.pth.tar [--format timm|hf]   a timm / transformers encoder as a checkpoint
-    ijepa-fast bench [--model vit_huge --batch 128 --masks both --paths both]   time the training step
+    ijepa-fast bench [CONFIG] [section.key=value ...] [--repeats 3 --model vit_huge --batch 128 ...]   time the step
+    ijepa-fast bench --suite FILE.yaml [section.key=value ...] [--out NAME]   a list of configs timed, one page
     ijepa-fast bench --report A.jsonl B.jsonl [--out NAME]   runs of several cards or commits compared
     ijepa-fast extract CHECKPOINT --data DIR [--img 224 --layers 4 --tokens --out F]   features of a frozen encoder
     ijepa-fast probe {linear,attentive,knn,lowshot} --train T --val V [--checkpoint C]   probe accuracy
@@ -196,25 +197,45 @@ def cmd_import(args) -> int:
 def cmd_bench(args) -> int:
     if args.report:
         return _bench_report(args)
-    from .bench.step import PUBLISHED_BATCH
-    from .models import VIT_SIZES
-
-    if args.model not in VIT_SIZES:
-        raise ConfigError(f"--model {args.model}: choose one of {', '.join(sorted(VIT_SIZES))}")
-    for flag in ("patch", "img", "batch", "pred_depth", "steps"):
+    config, overrides = _split(args.args)
+    for flag in ("patch", "img", "batch", "pred_depth", "steps", "repeats"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     _positive(args.warmup, "--warmup", zero=True)
-    patch = args.patch or (14 if args.model == "vit_huge" else 16)
-    if args.img % patch:
+    if args.suite:
+        if config:
+            raise ConfigError(f"bench --suite {args.suite}: the suite names its configs; drop {config!r} (KEY=VALUE "
+                              f"overrides apply to every entry)")
+        _check_input(args.suite, "suite")
+        if args.device:
+            _device(args)
+        from .bench.command import run_suite_file
+
+        return run_suite_file(args, overrides)
+    from .bench.command import shortcut_overrides
+    from .config import load_config
+    from .models import VIT_SIZES
+
+    if args.model and args.model not in VIT_SIZES:
+        raise ConfigError(f"--model {args.model}: choose one of {', '.join(sorted(VIT_SIZES))}")
+    patch = args.patch or (None if config else 14 if (args.model or "vit_huge") == "vit_huge" else 16)
+    if args.img and patch and args.img % patch:
         raise ConfigError(f"--img {args.img}: not a multiple of the patch size {patch} "
                           f"(e.g. {patch * (args.img // patch or 1)})")
-    batch = args.batch or PUBLISHED_BATCH.get(args.model, 1)
-    if batch > 4096:
-        raise ConfigError(f"--batch {batch}: more than 4096 images per step will not fit one device; lower it")
-    _device(args)
-    from .bench.step import run_command
+    if args.batch and args.batch > 4096:
+        raise ConfigError(f"--batch {args.batch}: more than 4096 images per step will not fit one device; lower it")
+    cfg = load_config(config, [*shortcut_overrides(args, config), *overrides])  # a bad CONFIG or override: one line
+    if cfg.data.batch_size > 4096:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: bench times one device's step, and more than 4096 "
+                          f"images will not fit one; lower it")
+    if args.device:
+        device = _device(args)
+    else:
+        from .training.setup import resolve_device
 
-    return run_command(args)
+        device = resolve_device(cfg.run.device)
+    from .bench.command import run_config
+
+    return run_config(args, cfg, device, config, overrides)
 
 
 def _check_input(path, what: str) -> None:
@@ -487,25 +508,41 @@ def build_parser() -> argparse.ArgumentParser:
     im.set_defaults(func=cmd_import)
 
     b = sub.add_parser("bench", help="time the training step: images/s, tokens/s, TFLOP/s, MFU, memory, GPU-hours",
-                       description="Times training steps on synthetic images, one JSON object per line.")
-    b.add_argument("--model", default="vit_huge", help="vit_tiny .. vit_giant")
-    b.add_argument("--patch", type=int, help="default: 14 for vit_huge, else 16")
-    b.add_argument("--img", type=int, default=224, help="image side in pixels")
-    b.add_argument("--batch", type=int, help="default: the published per-GPU batch of the model")
-    b.add_argument("--pred-depth", type=int, default=12, help="predictor blocks")
-    b.add_argument("--masks", default="both", choices=("reference", "default", "both"),
-                   help="the released sampler's masks, whole contexts (default mode), or both")
-    b.add_argument("--paths", default="both", choices=("plain", "fast", "both"),
-                   help="the plain step, the fast paths (kernels, packing, bf16 weights, compile), or both")
+                       description="Times the training step `ijepa-fast train CONFIG` runs (built by the same "
+                                   "assembler) on synthetic images, one JSON object per line: the median images/s of "
+                                   "--repeats timed windows and their spread, with the card, versions, commit and a "
+                                   "hash of the config. A row's batch is one device's step of data.batch_size images; "
+                                   "with data.global_batch, one of the global_batch / batch_size devices of the "
+                                   "recipe. Without CONFIG the flags below build one. --suite times a list of configs "
+                                   "and writes JSON lines, CSV, markdown and a PNG chart; --report merges runs.",
+                       epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                   help="a YAML file or built-in config, then section.key=value overrides (with --suite: overrides "
+                        "for every entry)")
+    b.add_argument("--suite", metavar="FILE.yaml", help="time every entry of a suite file (e.g. "
+                   "benchmarks/suites/recipes.yaml), each in its own try; writes --out NAME.jsonl, .csv, .md, .png")
+    b.add_argument("--model", help="vit_tiny .. vit_giant (model.name; without CONFIG: vit_huge)")
+    b.add_argument("--patch", type=int, help="model.patch_size (without CONFIG: 14 for vit_huge, else 16)")
+    b.add_argument("--img", type=int, help="image side in pixels, data.crop_size (without CONFIG: 224)")
+    b.add_argument("--batch", type=int, help="images per step on one device, data.batch_size (without CONFIG: the "
+                                             "published per-GPU batch of the model)")
+    b.add_argument("--pred-depth", type=int, help="predictor blocks, model.pred_depth (without CONFIG: 12)")
+    b.add_argument("--masks", choices=("reference", "default", "both"),
+                   help="the released sampler's masks, whole contexts (default mode), or both (without CONFIG: "
+                        "both; with CONFIG: the config's mask.mode)")
+    b.add_argument("--paths", choices=("plain", "fast", "both"),
+                   help="the step as configured (fast: every perf switch 'auto'), the plain step, or both (without "
+                        "CONFIG: both; with CONFIG: fast)")
     b.add_argument("--fp8", choices=("rowwise", "tensorwise"),
-                   help="the fast path with FP8 encoder linear layers (perf.fp8; CUDA compute capability >= 8.9)")
+                   help="a variant with FP8 encoder linear layers (perf.fp8; CUDA compute capability >= 8.9)")
     b.add_argument("--perf", action="append", default=[], metavar="KEY=VALUE",
-                   help="a perf.* setting for the fast path, repeatable (e.g. --perf optimizer=fused_tail)")
-    b.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+                   help="a perf.* setting of an extra variant, repeatable (e.g. --perf optimizer=fused_tail)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per window")
+    b.add_argument("--repeats", type=int, default=3, help="timed windows: the row reports their median and spread")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    b.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    b.add_argument("--out", help="also append the JSON lines to this file (with --report: the files' name without "
-                                 "suffix; default bench-report)")
+    b.add_argument("--device", help="cuda, cuda:N or cpu (default: run.device, CUDA when present)")
+    b.add_argument("--out", help="also append the JSON lines to this file (with --suite or --report: the files' name "
+                                 "without suffix; default: the suite's name, or bench-report)")
     b.add_argument("--report", nargs="+", metavar="RUN.jsonl",
                    help="time nothing: merge the JSON lines of runs on several cards or commits into one page and "
                         "chart (.jsonl, .csv, .md, .png), side by side, with the released step's rows where present")

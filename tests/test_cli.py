@@ -76,7 +76,8 @@ def test_cli_overrides_may_follow_options(tmp_path):
 def test_cli_bench_smoke_on_cpu(tmp_path):
     """ijepa-fast bench runs end to end on the CPU (figures there mean nothing; the GPU run is the
     benchmark): both mask modes, fast paths on and off, one JSON object per line."""
-    p = run_cli("bench", "--model", "vit_tiny", "--batch", "4", "--steps", "2", "--device", "cpu", cwd=tmp_path)
+    p = run_cli("bench", "--model", "vit_tiny", "--batch", "4", "--steps", "2", "--repeats", "1", "--device", "cpu",
+                cwd=tmp_path)
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert [(r["masks"], r["perf"]) for r in rows] == [("reference", "defaults"), ("reference", "plain"),
                                                        ("default", "defaults"), ("default", "plain")]

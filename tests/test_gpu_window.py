@@ -81,7 +81,15 @@ def test_window_models_give_the_released_step_our_predictor_depth():
             for m in steps + fp8:
                 assert m.pred_depth == (16 if m.model == "vit_giant" else 12 if not rehearse else 2)
     steps, fp8 = gw.window_models(False, False)
-    assert [(m.model, m.batch) for m in steps] == [("vit_huge", 128), ("vit_base", 256)]
+    assert [(m.model, m.batch) for m in steps] == [("vit_huge", 128), ("vit_base", 256), ("vit_huge", 128)]
+    # each model's first row is the recipe as shipped: no perf keys (every switch 'auto'); the explicit
+    # eager variant is an extra row after the others, without a second released row
+    for rehearse in (False, True):
+        steps, _ = gw.window_models(rehearse, False)
+        assert all(m.variants[0].name == "defaults" and m.variants[0].perf == {} for m in steps[:-1])
+        assert [v.name for v in steps[-1].variants] == ["eager"] and not steps[-1].released_cap_s
+        assert steps[-1].variants[0].perf == {"compile": "false", "bf16_weights": "false"}
+    steps, fp8 = gw.window_models(False, False)
     assert [v.fp8 for m in fp8 for v in m.variants] == ["rowwise"] and not fp8[0].released_cap_s
 
 
@@ -91,12 +99,13 @@ def test_window_rehearsal_of_the_step_stage(tmp_path):
     gw = _window()
     steps, _ = gw.window_models(True, False)
     win = gw.Window(str(tmp_path), 600, "cpu", {"run_id": "rehearsal"})
-    (tiny,) = steps
+    tiny = steps[0]
     tiny.released_cap_s = 0
     tiny.variants = tiny.variants[:2]
     gw.run_steps(win, [tiny], 1, 1, None)
     rows = _rows(tmp_path / "rows.jsonl")
-    assert [r.get("variant") for r in rows] == ["shipped", "best"]
+    assert [r.get("variant") for r in rows] == ["defaults", "best"]
+    assert rows[0]["perf"] == "defaults" and rows[0]["perf_resolved"]["compile"] is False  # 'auto' on the CPU
     assert not any(r.get("error") for r in rows), rows
     assert rows[1]["optimizer"] == "fused_tail" and "token_buckets=4" in rows[1]["perf"]
     assert all(r["images_per_s"] > 0 and r["pred_depth"] == 2 for r in rows)

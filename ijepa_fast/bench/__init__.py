@@ -1,5 +1,7 @@
-"""Measuring the step: timing (``step``), the report (``report``), host-sync counting
-(``profiling``) and the bytes a forward pass keeps for backward (``saved_memory``).
+"""Measuring the step: timing (``step``), the report (``report``), suite files and row metadata
+(``suite``), runs compared as a page and chart (``compare``), the ``ijepa-fast bench`` command
+(``command``), host-sync counting (``profiling``) and the bytes a forward pass keeps for backward
+(``saved_memory``).
 """
 import importlib
 import importlib.util

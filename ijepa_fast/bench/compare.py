@@ -53,13 +53,15 @@ def run_label(rows: list[dict], fallback: str) -> str:
 
 def merge_reports(paths) -> list[dict]:
     """The rows of several runs (one JSON-lines file per card or commit), each tagged ``run`` with
-    its card and commit; two files of the same card and commit get their file names added."""
+    its card and commit; two files of the same card and commit get their file names added. A row
+    that already names its run (a suite's file, a merged page's) keeps it, unless it is that
+    shared card and commit."""
     runs = [(Path(p), read_rows(p)) for p in paths]
     labels = [run_label(rows, p.stem) for p, rows in runs]
     out = []
     for (p, rows), label in zip(runs, labels):
         name = f"{label} ({p.stem})" if labels.count(label) > 1 else label
-        out += [{**r, "run": r.get("run") or name} for r in rows]
+        out += [{**r, "run": name if r.get("run") in (None, "", label) else r["run"]} for r in rows]
     return out
 
 

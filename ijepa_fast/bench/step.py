@@ -1,10 +1,21 @@
 """Timing the training step (``ijepa-fast bench`` and ``benchmarks/bench_step.py``).
 
-One measurement = one model at one batch, with reference-mode or default masks, with the fast
-paths on or off, on synthetic images (the data pipeline is measured separately). It reports
-images/s, tokens/s, model TFLOP/s and MFU against a matmul peak measured on the same device (and
-against the card's spec peak, see ``bench_report``), peak memory, and GPU-hours projected for each
-published recipe that uses this model. ``fp8`` adds FP8 linear layers (``perf.fp8``) to the fast path.
+One measurement = the step ``ijepa-fast train`` runs for one run config (``measure``), built by the
+same assembler (``Engine.from_config``), on synthetic images (the data pipeline is measured
+separately). What a row's batch is: one optimiser step on one device of ``data.batch_size`` images
+(split into ``optim.accum_steps`` micro-batches when set). With ``data.global_batch`` the timed step
+is one device's share of the recipe as published: ``global_batch / batch_size`` devices each running
+``data.batch_size`` images a step without accumulation (the recipes: 2048 = 16 x 128 for ViT-H/14),
+so images/s is per device and GPU-hours follow from it; the cross-device gradient reduction is not
+timed. The row records ``global_batch`` and ``devices_at_global_batch``.
+
+A row reports images/s (the median of ``repeats`` timed windows of ``steps`` steps each, with their
+spread in ``windows``), tokens/s, model TFLOP/s and MFU against a matmul peak measured on the same
+device (and against the card's spec peak, see ``bench_report``), peak memory, GPU-hours projected
+for each published recipe that uses this model, and ``row_metadata`` (card, driver, torch, CUDA,
+Triton, commit, a hash of the config). ``BenchSpec`` + ``run`` is the older form (one model at one
+batch, with reference-mode or default masks, the fast paths on or off), turned into a config by
+``bench_config``.
 
 Model FLOPs per image count 2 x MACs of the linear layers and attention matmuls: the target
 encoder forward on all N tokens, 3 x the context encoder forward on the context tokens, and 3 x
@@ -24,10 +35,12 @@ from ..config import Config, MaskConfig, PerfConfig, merge
 from ..errors import ConfigError
 from ..model import IJEPA
 from ..models import VIT_SIZES
+from ..perf import fp8 as fp8_switch
 from ..training.engine import Engine
 from ..training.schedules import Schedules
 from ..training.step import read_results
 from .report import RECIPES, add_spec_mfu, gpu_hours  # noqa: F401  (RECIPES: re-exported)
+from .suite import row_metadata, window_stats
 
 PUBLISHED_BATCH = {"vit_base": 256, "vit_large": 128, "vit_huge": 128, "vit_giant": 16, "vit_small": 256,
                    "vit_tiny": 256}
@@ -86,6 +99,7 @@ class BenchSpec:  # keyword-only: ten fields of like types
     perf: dict = field(default_factory=dict)  # more perf.* settings on the fast path: {"optimizer": "fused_tail"}
     steps: int = 10
     warmup: int = 3
+    repeats: int = 1  # timed windows of ``steps`` steps each (the row: their median and spread)
     device: str = "cuda"
 
 
@@ -124,14 +138,30 @@ def bench_config(spec: BenchSpec, mask: MaskConfig | None = None, base: Config |
 
 def build_step(spec: BenchSpec, batches: int, mask: MaskConfig | None = None, *, base: Config | None = None,
                steps_per_epoch: int = 1000) -> StepSetup:
-    """The step ``ijepa-fast train`` would run with ``bench_config(spec, mask, base)``, built by the
-    same constructor (``Engine.from_config``), ``batches`` mask batches of its sampler and synthetic
-    images. Shared by ``run``, benchmarks/profile_step.py and the tests that prove the steps equal."""
-    device = torch.device(spec.device)
-    cfg = bench_config(spec, mask, base)
+    """The step ``ijepa-fast train`` would run with ``bench_config(spec, mask, base)`` (see
+    ``build_from_config``). Shared by ``run``, benchmarks/profile_step.py and the tests that prove
+    the steps equal."""
+    return build_from_config(bench_config(spec, mask, base), batches, spec.device, steps_per_epoch=steps_per_epoch)
+
+
+def timed_config(cfg: Config) -> Config:
+    """The config in the terms one device's step runs (the module docstring): ``data.global_batch``
+    dropped, so that the step is ``data.batch_size`` images (with ``optim.accum_steps`` as set)."""
+    if cfg.data.global_batch is None:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, global_batch=None))
+
+
+def build_from_config(cfg: Config, batches: int, device, *, steps_per_epoch: int = 1000) -> StepSetup:
+    """The step ``ijepa-fast train`` would run with ``cfg`` on ``device``, built by the same
+    constructor (``Engine.from_config``), ``batches`` mask batches of its sampler and synthetic
+    images of ``data.batch_size`` x ``data.crop_size``."""
+    device = torch.device(device)
+    cfg = timed_config(cfg)
+    batch, img = cfg.data.batch_size, cfg.data.crop_size
     engine = Engine.from_config(cfg, device=device, schedules=Schedules.from_config(cfg.optim, steps_per_epoch))
-    pool = [engine.masks(spec.batch, s) for s in range(batches)]
-    images = torch.randn(spec.batch, 3, spec.img, spec.img, device=device)
+    pool = [engine.masks(batch, s) for s in range(batches)]
+    images = torch.randn(batch, 3, img, img, device=device)
 
     def step(i):
         return engine.step(images, i, pool[i])
@@ -140,27 +170,17 @@ def build_step(spec: BenchSpec, batches: int, mask: MaskConfig | None = None, *,
 
 
 def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
-    """Time ``spec.steps`` training steps after ``spec.warmup``; one result row."""
-    device = torch.device(spec.device)
-    setup = build_step(spec, spec.warmup + spec.steps)
-    engine, pool, step = setup.engine, setup.pool, setup.step
-    model, perf = engine.model, engine.perf
-    grid = model.grid
-    ctx = statistics.mean(m.mean_tokens()[0] for m in pool)
-    tgt = statistics.mean(m.mean_tokens()[1] for m in pool)
-    k = pool[0].targets.shape[0]
+    """Time ``spec.repeats`` windows of ``spec.steps`` training steps after ``spec.warmup``; one row."""
+    row = measure(bench_config(spec), device=spec.device, steps=spec.steps, warmup=spec.warmup,
+                  repeats=spec.repeats, peak_tflops=peak_tflops)
+    row.update(model=spec.model, masks=spec.mask_mode, fast=spec.fast, fp8=spec.fp8, perf=perf_name(spec))
+    return row
 
-    t0 = time.time()
-    engine.warm_up(spec.batch)
-    for i in range(spec.warmup):
-        step(i)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    warm_s = time.time() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(spec.warmup, spec.warmup + spec.steps):
+
+def _timed_window(step, first: int, steps: int, device: torch.device) -> tuple[list[float], object]:
+    """Seconds of each of steps ``first`` .. ``first + steps - 1``, and the last step's result."""
+    times, res = [], None
+    for i in range(first, first + steps):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -172,20 +192,59 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
             t = time.perf_counter()
             res = step(i)
             times.append(time.perf_counter() - t)
+    return times, res
+
+
+def measure(cfg: Config, *, device, steps: int = 10, warmup: int = 3, repeats: int = 1,
+            peak_tflops: float | None = None) -> dict:
+    """Time the step ``ijepa-fast train`` runs with ``cfg`` (``build_from_config``): ``warmup``
+    untimed steps, then ``repeats`` windows of ``steps`` timed steps. A window's figure is the
+    batch over its median step time; the row's ``images_per_s`` is the median of the windows, and
+    ``windows`` their ``window_stats`` (median, min, max, spread). One result row (see the module
+    docstring), with ``row_metadata``."""
+    if steps < 1 or warmup < 0 or repeats < 1:
+        raise ConfigError(f"bench: steps ({steps}) and repeats ({repeats}) must be at least 1, warmup ({warmup}) "
+                          f"at least 0")
+    device = torch.device(device)
+    setup = build_from_config(cfg, warmup + steps * repeats, device)
+    engine, pool, step, batch = setup.engine, setup.pool, setup.step, setup.cfg.data.batch_size
+    model, perf = engine.model, engine.perf
+    grid = model.grid
+    ctx = statistics.mean(m.mean_tokens()[0] for m in pool)
+    tgt = statistics.mean(m.mean_tokens()[1] for m in pool)
+    k = pool[0].targets.shape[0]
+
+    t0 = time.time()
+    engine.warm_up(batch)
+    for i in range(warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warm_s = time.time() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    figures = []
+    for w in range(repeats):
+        times, res = _timed_window(step, warmup + w * steps, steps, device)
+        figures.append(batch / statistics.median(times))
     if res.deferred:
-        (res,) = read_results([(spec.warmup + spec.steps - 1, res)])
-    sec = statistics.median(times)
+        (res,) = read_results([(warmup + steps * repeats - 1, res)])
+    windows = window_stats(figures)
+    sec = batch / windows["median"]
     n = grid[0] * grid[1]
     flops = model_flops_per_image(model, n, ctx, tgt / k, k)
-    row = {"bench": "step", "model": spec.model, "patch": spec.patch, "img": spec.img, "batch": spec.batch,
-           "pred_depth": spec.pred_depth, "masks": spec.mask_mode, "fast": spec.fast, "fp8": spec.fp8,
-           "device": str(device),
-           "step_ms": round(sec * 1e3, 2), "images_per_s": round(spec.batch / sec, 1),
-           "ctx_tokens_per_img": round(ctx, 1), "ctx_tokens_per_s": round(spec.batch * ctx / sec),
-           "tokens_per_s": round(spec.batch * (n + ctx + k * (ctx + tgt / k)) / sec),
-           "gflop_per_img": round(flops / 1e9, 1), "tflops": round(flops * spec.batch / sec / 1e12, 2),
+    m = cfg.model
+    g = cfg.data.global_batch
+    row = {"bench": "step", "model": m.name, "patch": m.patch_size, "img": cfg.data.crop_size, "batch": batch,
+           "pred_depth": m.pred_depth, "masks": cfg.mask.mode, "fast": perf.preset != "plain",
+           "fp8": fp8_switch.recipe(perf.fp8), "device": str(device), "accum_steps": setup.cfg.optim.accum_steps,
+           "global_batch": g, "devices_at_global_batch": g / batch if g else None,
+           "step_ms": round(sec * 1e3, 2), "images_per_s": round(windows["median"], 1), "windows": windows,
+           "ctx_tokens_per_img": round(ctx, 1), "ctx_tokens_per_s": round(batch * ctx / sec),
+           "tokens_per_s": round(batch * (n + ctx + k * (ctx + tgt / k)) / sec),
+           "gflop_per_img": round(flops / 1e9, 1), "tflops": round(flops * batch / sec / 1e12, 2),
            "loss": round(res.loss, 4), "warmup_s": round(warm_s, 1), "layout": _layout(engine.prepare(pool[0])),
-           "kernels": model.kernels, "perf": perf_name(spec), "perf_resolved": dataclasses.asdict(perf),
+           "kernels": model.kernels, "perf": config_perf_name(cfg), "perf_resolved": dataclasses.asdict(perf),
            "optimizer": "fused_tail" if engine.tail is not None else perf.optimizer}
     if peak_tflops:
         row["matmul_peak_tflops"] = round(peak_tflops, 1)
@@ -194,8 +253,21 @@ def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         row["gpu"] = torch.cuda.get_device_name(device)
         add_spec_mfu(row)
-    row["gpu_hours"] = gpu_hours(row["images_per_s"], spec.model, spec.patch, spec.img)
+    row["gpu_hours"] = gpu_hours(row["images_per_s"], m.name, m.patch_size, cfg.data.crop_size)
+    row.update(row_metadata(cfg.to_dict(), str(device)))
     return row
+
+
+def config_perf_name(cfg: Config):
+    """A config's name for its switches, as ``perf_name``: 'plain' (``perf.preset=plain``),
+    'defaults' (no perf key set: every switch 'auto'), else the keys set (``['compile=True']``)."""
+    if cfg.perf.preset == "plain":
+        return "plain"
+    base = PerfConfig()
+    # fp8 first, as perf_name writes it
+    keys = sorted((f.name for f in dataclasses.fields(base)), key=lambda name: name != "fp8")
+    names = [f"{name}={getattr(cfg.perf, name)}" for name in keys if getattr(cfg.perf, name) != getattr(base, name)]
+    return names or "defaults"
 
 
 def perf_name(spec: BenchSpec):
@@ -217,38 +289,3 @@ def _layout(masks) -> str:
 def check_model(name: str) -> None:
     if name not in VIT_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(VIT_SIZES)}")
-
-
-def run_command(args) -> int:
-    """``ijepa-fast bench``: one JSON line per (masks, step) measured. For each mask mode the first row
-    is the step ``ijepa-fast train`` runs with the recipe as shipped (``"perf": "defaults"``, every
-    switch resolved for the device in ``perf_resolved``); the plain path (``--paths plain|both``) and
-    the ``--perf`` / ``--fp8`` variant are extra rows."""
-    import json
-
-    check_model(args.model)
-    bad = [kv for kv in args.perf if "=" not in kv]
-    if bad:
-        raise ConfigError(f"--perf {bad[0]}: expected KEY=VALUE, e.g. --perf optimizer=fused_tail")
-    perf = dict(kv.removeprefix("perf.").split("=", 1) for kv in args.perf)
-    merge(PerfConfig(), dict(perf), "perf.")  # a wrong key or value stops here, before any work
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    peak = matmul_peak_tflops(device)
-    masks = ("reference", "default") if args.masks == "both" else (args.masks,)
-    patch = args.patch or (14 if args.model == "vit_huge" else 16)
-    variants = [(True, None, {})]  # the defaults first
-    if args.paths in ("plain", "both"):
-        variants.append((False, None, {}))
-    if perf or args.fp8:
-        variants.append((True, args.fp8, perf))
-    for mode in masks:
-        for fast, fp8, extra in variants:
-            spec = BenchSpec(model=args.model, patch=patch, img=args.img, mask_mode=mode, fast=fast,
-                             batch=args.batch or PUBLISHED_BATCH[args.model], pred_depth=args.pred_depth,
-                             steps=args.steps, warmup=args.warmup, device=str(device), fp8=fp8, perf=extra)
-            row = run(spec, peak)
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-    return 0

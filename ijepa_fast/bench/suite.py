@@ -120,12 +120,12 @@ class SuiteEntry:
     step: str = "ijepa-fast"
 
 
-def read_suite(path, root: Path | None = None) -> list[SuiteEntry]:
+def read_suite(path, root: Path | None = None, skipped: list | None = None) -> list[SuiteEntry]:
     """A suite file as entries. The file is a mapping with ``runs:``, a list whose items are a config
     name, or ``{config: NAME, overrides: [key=value, ...], label: TEXT, step: ijepa-fast | released,
     needs: PATH}``; ``needs`` drops the item when PATH (relative to ``root``, default the suite
-    file's repository) does not exist (the released step needs ``.bench_ref/``). ``overrides`` may
-    also be a mapping ``{key: value}``."""
+    file's repository) does not exist (the released step needs ``.bench_ref/``), adding a note
+    saying so to ``skipped`` when given. ``overrides`` may also be a mapping ``{key: value}``."""
     import yaml
 
     path = Path(path)
@@ -152,6 +152,9 @@ def read_suite(path, root: Path | None = None) -> list[SuiteEntry]:
         if item.get("step", "ijepa-fast") not in STEPS:
             raise ConfigError(f"suite {path}: runs[{i}].step is {item['step']!r}; use one of {', '.join(STEPS)}")
         if item.get("needs") and not (root / item["needs"]).exists():
+            if skipped is not None:
+                skipped.append(f"{item.get('label') or item['config']}: left out, {root / item['needs']} does "
+                               f"not exist")
             continue
         over = item.get("overrides") or []
         if isinstance(over, dict):
@@ -187,4 +190,37 @@ def run_suite(entries: list[SuiteEntry], measure: Callable[[SuiteEntry], list[di
         rows += got
         bar.update(1)
     bar.close()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the released step
+
+def released_rows(cfg, *, steps: int, warmup: int, device: str, root: Path = ROOT) -> list[dict]:
+    """The released step's rows for a config's model, patch, batch, predictor depth and resolution,
+    fed ijepa-fast's reference-mode masks (equal work), timed in a subprocess by
+    ``benchmarks/reference_equal_work.py``; a ConfigError when ``.bench_ref/`` lacks the released code."""
+    import sys
+
+    if not (root / ".bench_ref" / "reference_step.py").exists():
+        raise ConfigError(f"the released step needs the released code in {root / '.bench_ref'} "
+                          f"(see benchmarks/prepare_device.sh)")
+    m = cfg.model
+    cmd = [sys.executable, str(root / "benchmarks" / "reference_equal_work.py"), "--model", m.name, "--patch",
+           str(m.patch_size), "--batch", str(cfg.data.batch_size), "--steps", str(steps), "--warmup", str(warmup),
+           "--pred-depth", str(m.pred_depth), "--crop", str(cfg.data.crop_size), "--device", device]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": ""})
+    rows, tokens = [], None
+    for line in p.stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        r = json.loads(line)
+        if r.get("what") == "official_mask_collator":
+            tokens = r.get("mean_ctx_tokens")
+        elif r.get("what") == "official_train_step":
+            rows.append({**r, "bench": "reference_step", "variant": "released", "pred_depth": m.pred_depth,
+                         "img": cfg.data.crop_size, "mean_ctx_tokens": tokens})
+    if not rows:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the released step gave no row (exit {p.returncode}): {tail}")
     return rows
