@@ -62,7 +62,7 @@ def ddp_run(tmp_path_factory):
 
 
 def test_distributed_two_ranks_equal_one_rank_same_global_batch(one_process, ddp_run):
-    assert (ddp_run / "train.log").read_text().count("global batch 8 = 4 x 2 process(es)") == 1
+    assert (ddp_run / "train.log").read_text().count("global batch 8 = 4 x 2 process(es);") == 1  # described once
     for a, b in zip(losses(ddp_run), losses(one_process)):
         assert a == pytest.approx(b, rel=1e-5)
     assert_close_weights(weights(ddp_run / "jepa-latest.pth.tar"), weights(one_process / "jepa-latest.pth.tar"))
