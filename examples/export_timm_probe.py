@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ijepa_fast import train
 from ijepa_fast.config import load_config
 from ijepa_fast.data.demo import generate
 from ijepa_fast.interop.export import export_encoder
-from ijepa_fast.training import trainer as train
 
 
 def pretrain(out: Path, steps: int) -> Path:

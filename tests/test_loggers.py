@@ -234,7 +234,7 @@ def test_loggers_missing_package_is_a_config_error_before_any_work(tiny_cfg, tmp
 
 def test_loggers_are_imported_only_when_chosen(tmp_path):
     """Installed but not chosen: neither ijepa_fast, its trainer nor a config naming them imports them."""
-    code = ("import sys, ijepa_fast, ijepa_fast.train, ijepa_fast.runlog.loggers\n"
+    code = ("import sys, ijepa_fast, ijepa_fast.training.trainer, ijepa_fast.runlog.loggers\n"
             "from ijepa_fast.config import load_config\n"
             "c = load_config('demo_cpu', ['run.loggers=[jsonl,tensorboard,wandb]'])\n"
             "assert c.run.loggers == ['jsonl', 'tensorboard', 'wandb']\n"
