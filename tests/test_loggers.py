@@ -186,7 +186,7 @@ def test_loggers_close_cleanly_when_the_run_stops(tiny_cfg, tmp_path, wandb_env,
     """A non-finite loss (TrainingStopped) or a stop signal: both loggers hold every row written and are closed."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
-    import ijepa_fast.training.trainer as train_mod
+    import ijepa_fast.training.engine as train_mod  # the trainer steps through its Engine
 
     real = train_mod.train_step
 
