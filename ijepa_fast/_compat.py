@@ -39,3 +39,24 @@ def moved(module: str, names: dict[str, str]):
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(names[name]), name)
     return __getattr__
+
+
+def module_names(package: str, *modules: str):
+    """A module ``__getattr__`` for a package that replaced a module of the same name: the old module's
+    names (now in ``modules``) stay importable from the package, and so do its modules, each loaded on first
+    use (so that importing one sibling module never drags in the rest)."""
+    import importlib
+    import importlib.util
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if importlib.util.find_spec(f"{package}.{name}") is not None:  # a module of the package
+            return importlib.import_module(f"{package}.{name}")
+        for sub in modules:
+            value = getattr(importlib.import_module(f"{package}.{sub}"), name, None)
+            if value is not None:
+                return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
