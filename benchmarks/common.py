@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,29 +15,13 @@ try:  # the installed engine; in a bare checkout (a copy of the tree on a GPU ma
     import ijepa_fast  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(ROOT))
+from ijepa_fast.bench.suite import commit as _commit  # noqa: E402
+from ijepa_fast.bench.suite import cpu_name  # noqa: E402,F401  (one definition, shared with ijepa-fast bench)
 
 
 def commit() -> str:
     """The checkout's commit (+dirty); IJEPA_FAST_COMMIT names it where the copy has no .git."""
-    if os.environ.get("IJEPA_FAST_COMMIT"):
-        return os.environ["IJEPA_FAST_COMMIT"]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "") if rev.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _commit(ROOT)
 
 
 def environment(device: str = "cpu") -> dict:

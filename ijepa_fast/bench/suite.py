@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (ijepa_fast/bench/suite.py -> ./)
 STEPS = ("ijepa-fast", "released")
 
 
@@ -74,7 +74,7 @@ def _driver() -> str | None:
     return None
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -98,7 +98,7 @@ def row_metadata(resolved: dict | None = None, device: str = "cpu") -> dict:
         triton = metadata.version("triton")
     except metadata.PackageNotFoundError:
         triton = None
-    meta = {"card": torch.cuda.get_device_name(torch.device(device)) if cuda else f"{_cpu()} ({cores} cores)",
+    meta = {"card": torch.cuda.get_device_name(torch.device(device)) if cuda else f"{cpu_name()} ({cores} cores)",
             "driver": _driver() if cuda else None, "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": triton, "python": platform.python_version(), "commit": commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
