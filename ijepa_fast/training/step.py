@@ -109,6 +109,15 @@ def micro_batches(images: torch.Tensor, masks, n: int):
     return [(images[i:i + size], masks.slice(i, i + size)) for i in range(0, b, size)]
 
 
+def _loss(runner, images: torch.Tensor, masks, master, precision: str) -> torch.Tensor:
+    """One forward: the bf16 compute copy's (inputs cast to its dtype), or under autocast at ``precision``."""
+    if master is not None:
+        return runner(images.to(master.dtype), masks)
+    dtype = autocast_dtype(images.device, precision)
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return runner(images, masks)
+
+
 @keyword_only(6, ("precision", "grad_clip", "master", "forward", "accum_steps", "agree"))
 def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Tensor, masks: MaskBatch | PackedMasks,
                step: int, schedules, *, precision: str = "auto", grad_clip: float | None = None,
@@ -164,13 +173,7 @@ def train_step(model: IJEPA, optimizer: torch.optim.Optimizer, images: torch.Ten
         last = i == len(parts) - 1
         quiet = runner.no_sync() if not last and hasattr(runner, "no_sync") else contextlib.nullcontext()
         with quiet:
-            if master is not None:
-                loss = runner(x.to(master.dtype), m)
-            else:
-                dtype = autocast_dtype(x.device, precision)
-                with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss = runner(x, m)
-            loss = loss / len(parts)
+            loss = _loss(runner, x, m, master, precision) / len(parts)
             loss.backward()
         losses.append(loss.detach().float())
         if master is not None and not direct:
@@ -222,12 +225,7 @@ def graph_step_fn(model: IJEPA, optimizer, *, master=None, forward=None, grad_cl
     direct = master is not None
 
     def fn(images, masks):
-        if master is not None:
-            loss = runner(images.to(master.dtype), masks)
-        else:
-            dtype = autocast_dtype(images.device, precision)
-            with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = runner(images, masks)
+        loss = _loss(runner, images, masks, master, precision)
         loss.backward()
         result = _deferred_tail(tail, [loss.detach().float()], params, grad_clip, 0.0, direct, halt, runner,
                                 (0.0, 0.0))
