@@ -15,8 +15,9 @@ Stages, in order:
   the recipe ships (``defaults``: no perf keys, every switch 'auto'), at its best measured variant
   and (ViT-H) the memory variant; then ViT-H ``eager`` (compile and bf16 weights off).
 - ``profile``: one profiled step of the 0-sync configuration (fused tail, deferred step) of ViT-H.
-- ``fp8``: ViT-H/14 b128 with FP8 rowwise linear layers (best variant), after the profile, so that a
-  slow FP8 warm-up cannot take the other rows' time.
+- ``fp8``: ViT-H/14 b128 with FP8 rowwise linear layers (best variant), then FP8 in the target
+  encoder's forward only (``perf.fp8=target``), after the profile, so that a slow FP8 warm-up cannot
+  take the other rows' time.
 - ``numerics``: ``benchmarks/numerics_check.py --device cuda`` (the lean bf16 step and bf16
   autocast against the fp32 step: gradient and 20-step update errors at 64 px, width 192, 6 blocks),
   capped at ``NUMERICS_CAP_S``; its JSON rows go into the same rows file (``bench: numerics``), or
@@ -91,7 +92,9 @@ def window_models(rehearse: bool, extras: bool) -> tuple[list[Model], list[Model
                                            Variant("best", dict(BEST), cap_s=120),
                                            Variant("memory", memory, cap_s=120)], released_cap_s=240)
         fp8 = Model("vit_tiny", 16, 2, 2, [Variant("fp8", {**BEST, "fp8_emulate": "true"}, fp8="rowwise",
-                                                   cap_s=180)], released_cap_s=0)
+                                                   cap_s=180),
+                                           Variant("fp8-target", {**BEST, "fp8_emulate": "true", "fp8_min_dim": "16"},
+                                                   fp8="target", cap_s=180)], released_cap_s=0)
         late = Model("vit_tiny", 16, 2, 2, [Variant("eager", dict(eager), cap_s=120)], released_cap_s=0)
         return ([Model("vit_tiny", 16, 2, 2, tiny.variants[1:2], released_cap_s=240)], []) if extras \
             else ([tiny, late], [fp8])
@@ -104,7 +107,8 @@ def window_models(rehearse: bool, extras: bool) -> tuple[list[Model], list[Model
              Model("vit_base", 16, 256, 12, [Variant("defaults", {}, cap_s=50),
                                              Variant("best", dict(BEST), cap_s=50)], released_cap_s=35),
              Model("vit_huge", 14, 128, 12, [Variant("eager", dict(eager), cap_s=45)], released_cap_s=0)],
-            [Model("vit_huge", 14, 128, 12, [Variant("fp8", dict(BEST), fp8="rowwise", cap_s=100)],
+            [Model("vit_huge", 14, 128, 12, [Variant("fp8", dict(BEST), fp8="rowwise", cap_s=100),
+                                             Variant("fp8-target", dict(BEST), fp8="target", cap_s=90)],
                    released_cap_s=0)])
 
 
