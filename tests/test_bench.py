@@ -143,6 +143,25 @@ def test_goal_takes_the_fastest_variant_that_passes_its_checks():
     assert goal["status"] == "not met" and "41.0 GiB" in goal["figure"], goal
 
 
+def test_graph_rows_peak_is_the_reserved_pool_or_not_measured():
+    """A CUDA-graph row whose peak was read as allocated memory (the captured pool is not counted on
+    replay) does not pass a memory goal and shows as not measured; one that recorded the reserved
+    memory is judged on it."""
+    refs = [_released("vit_huge", 14, 128, 100.0)]
+    graphs = {"cuda_graphs": True}
+    old = _ours("vit_huge", 14, 128, "reference", 260.0, mfu=0.6, peak_mem_gib=14.0, perf_resolved=graphs)
+    goal = evaluate_goals([old], refs)[0]
+    assert goal["status"] == "not measured" and "peak_mem_gib not measured" in goal["figure"], goal
+    page = step_report([old], refs, command="x")
+    assert "not measured (graph pool)" in page and "| 14.0 |" not in page
+    new = dict(old, peak_mem_gib=26.0, peak_mem_kind="reserved (CUDA graph pool)")
+    goal = evaluate_goals([new], refs)[0]
+    assert goal["status"] == "met" and "peak 26.0 GiB" in goal["figure"], goal
+    assert "26.0 reserved" in step_report([new], refs, command="x")
+    over = dict(new, peak_mem_gib=33.0)
+    assert evaluate_goals([over], refs)[0]["status"] == "not met"
+
+
 def test_bench_run_takes_perf_variants_on_the_cpu():
     """``BenchSpec.perf``: a fast-path variant (the fused tail, without host syncs) runs and is named
     in the row; its loss equals the plain foreach AdamW step's on the same masks and images."""

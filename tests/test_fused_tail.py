@@ -16,10 +16,15 @@ from ijepa_fast.training.schedules import Schedules
 from ijepa_fast.training.step import make_optimizer, read_results, train_step
 
 SCHED = Schedules(steps_per_epoch=4, epochs=2, warmup=0.5)
-# On the CPU the plain tail and torch's AdamW agree bit for bit; on CUDA the backward pass may add in
-# another order from run to run (atomics), so two runs agree to fp32 rounding only.
+# On the CPU the plain tail and torch's AdamW agree bit for bit, so runs of several steps compare
+# exactly. On CUDA they round differently (torch's CUDA kernels, Triton's compiled arithmetic): after
+# one step from equal weights the masters and moments agree to fp32 rounding, but a bf16 compute copy
+# of a master that moved by one fp32 rounding can land on the neighbouring bf16 value, and the next
+# forward pass then differs by more than rounding; so on CUDA the runs take one step from equal weights.
 EXACT = DEVICE == "cpu"
-RUN_TOL = {} if EXACT else {"rtol": 1e-4, "atol": 1e-5}
+STEPS = 3 if EXACT else 1
+FP32_TOL = {"rtol": 1e-5, "atol": 1e-6}  # a few fp32 roundings of each update
+BF16_TOL = {"rtol": 2**-7, "atol": 1e-6}  # one bf16 rounding of masters that agree to fp32 rounding
 
 
 def _lean(tail_backend=None):
@@ -56,22 +61,26 @@ def _state(lean):
     return out
 
 
-def _assert_same(a, b, rtol=0.0, atol=0.0):
+def _assert_same(a, b, exact=EXACT):
+    """Every tensor the tail writes equal (``exact``), else within ``FP32_TOL`` (the bf16 copies
+    within ``BF16_TOL``); step counts always exactly."""
     a, b = _state(a), _state(b)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k].float().cpu(), b[k].float().cpu(), rtol=rtol, atol=atol, msg=k)
+        tol = {"rtol": 0.0, "atol": 0.0} if exact or k.startswith("step.") else \
+            BF16_TOL if k.startswith("c.") and not EXACT else FP32_TOL
+        torch.testing.assert_close(a[k].float().cpu(), b[k].float().cpu(), **tol, msg=k)
 
 
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_fused_tail_lean_steps_equal_torch_adamw(clip):
     ref, tail = _lean(), _lean("reference")
-    r = _run(ref, range(3), grad_clip=clip)
-    t = _run(tail, range(3), grad_clip=clip)
+    r = _run(ref, range(STEPS), grad_clip=clip)
+    t = _run(tail, range(STEPS), grad_clip=clip)
     for x, y in zip(r, t):
-        assert x.loss == y.loss if EXACT else math.isclose(x.loss, y.loss, rel_tol=1e-4)
-        assert math.isclose(x.grad_norm, y.grad_norm, rel_tol=1e-6 if EXACT else 1e-3)
-    _assert_same(ref, tail, **RUN_TOL)  # the plain torch tail (on the CPU bit for bit: same arithmetic)
+        assert x.loss == y.loss if EXACT else math.isclose(x.loss, y.loss, rel_tol=1e-6)
+        assert math.isclose(x.grad_norm, y.grad_norm, rel_tol=1e-6)
+    _assert_same(ref, tail)  # the plain torch tail (on the CPU bit for bit: same arithmetic)
     model, mw = tail[0], tail[1]
     for p, c in zip(model.parameters(), mw.compute.parameters()):
         assert torch.equal(c, p.to(c.dtype))
@@ -79,9 +88,9 @@ def test_fused_tail_lean_steps_equal_torch_adamw(clip):
 
 def test_fused_tail_triton_lean_steps_equal_torch_adamw():
     ref, tail = _lean(), _lean("triton")
-    _run(ref, range(2), grad_clip=0.5)
-    _run(tail, range(2), grad_clip=0.5)
-    _assert_same(ref, tail, **(RUN_TOL or {"rtol": 1e-5, "atol": 1e-6}))  # CPU: within a few fp32 roundings
+    _run(ref, range(2 if EXACT else 1), grad_clip=0.5)
+    _run(tail, range(2 if EXACT else 1), grad_clip=0.5)
+    _assert_same(ref, tail, exact=False)  # the kernel's arithmetic: within a few fp32 roundings
     for p, c in zip(tail[0].parameters(), tail[1].compute.parameters()):
         assert torch.equal(c, p.to(c.dtype))
 
@@ -142,8 +151,8 @@ def test_fused_tail_checkpoint_resumes_in_the_other(first, second):
         lean[0].load_state_dict(copy.deepcopy(saved["model"]))
         lean[2].load_state_dict(copy.deepcopy(saved["optimizer"]))
         lean[1].sync_params()
-    _run(b, [2, 3])
-    _run(cont, [2, 3])
+    _run(b, [2, 3] if EXACT else [2])
+    _run(cont, [2, 3] if EXACT else [2])
     _assert_same(b, cont)
 
 
@@ -173,7 +182,7 @@ def test_fused_tail_deferred_steps_equal_synchronous_ones():
     ra = _run(a, range(3), grad_clip=0.5)
     rb = read_results(list(enumerate(_run(b, range(3), grad_clip=0.5, sync=False))))
     assert [(x.loss, x.grad_norm) for x in ra] == [(x.loss, x.grad_norm) for x in rb]
-    _assert_same(a, b, **RUN_TOL)
+    _assert_same(a, b)
 
 
 def test_fused_tail_trainer_deferred_nan_stops_with_the_last_good_checkpoint(tmp_path):

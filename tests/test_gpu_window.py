@@ -90,7 +90,10 @@ def test_window_models_give_the_released_step_our_predictor_depth():
         assert [v.name for v in steps[-1].variants] == ["eager"] and not steps[-1].released_cap_s
         assert steps[-1].variants[0].perf == {"compile": "false", "bf16_weights": "false"}
     steps, fp8 = gw.window_models(False, False)
-    assert [v.fp8 for m in fp8 for v in m.variants] == ["rowwise"] and not fp8[0].released_cap_s
+    assert [v.fp8 for m in fp8 for v in m.variants] == ["rowwise", "target"] and not fp8[0].released_cap_s
+    _, fp8 = gw.window_models(True, False)  # the rehearsal emulates both
+    assert [v.fp8 for m in fp8 for v in m.variants] == ["rowwise", "target"]
+    assert all(v.perf.get("fp8_emulate") == "true" for m in fp8 for v in m.variants)
 
 
 def test_window_rehearsal_of_the_step_stage(tmp_path):
@@ -128,3 +131,30 @@ def test_window_rehearsal_of_the_numerics_stage(tmp_path):
         ("lean", "numerics_grad_vs_fp32"), ("lean", "numerics_update_vs_fp32")]
     assert all(r["bench"] == "numerics" and r["run_id"] == "rehearsal" and r["embed_dim"] == 48 for r in rows)
     assert all(0 < r["overall"] < 1 and r["overall"] <= r["worst"] for r in rows), rows
+
+
+def test_tests_stage_writes_each_failure_as_it_happens(tmp_path):
+    """The tests stage's plugin (benchmarks/pytest_live.py) writes a failure's report the moment the
+    test ends: a pytest run killed before its end-of-run summary still leaves which test failed and why."""
+    import os
+    import subprocess
+
+    (tmp_path / "test_cut.py").write_text(
+        "import time\n"
+        "def test_ok():\n    assert True\n"
+        "def test_wrong():\n    assert 1 + 1 == 3, 'arithmetic differs'\n"
+        "def test_hangs():\n    time.sleep(600)\n")
+    live = tmp_path / "live.txt"
+    env = {**os.environ, "PYTEST_LIVE_LOG": str(live),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", str(tmp_path / "test_cut.py"), "-q", "-p", "no:cacheprovider",
+           "-p", "pytest_live"]
+    try:
+        subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+        raise AssertionError("the hanging test should have been cut")
+    except subprocess.TimeoutExpired:
+        pass
+    text = live.read_text()
+    assert "PASSED" in text and "test_cut.py::test_ok" in text
+    assert "FAILED" in text and "test_cut.py::test_wrong" in text and "arithmetic differs" in text
+    assert "test_hangs" not in text  # never finished

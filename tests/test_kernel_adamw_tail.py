@@ -92,8 +92,14 @@ def _torch_step(opt, state, grads, lr, wd, momentum, clip=None):
     ema_reference([frozen[1]], [frozen[0]], momentum)
 
 
+# Under the interpreter the kernel's fp32 arithmetic is torch's on the CPU; compiled for a GPU it
+# contracts multiply-adds and torch's CUDA kernels round in their own order: a few fp32 roundings per
+# update (the tolerance of the five-step device test in test_fused_tail.py).
+TOL = {"rtol": 1e-6, "atol": 1e-7} if DEVICE == "cpu" else {"rtol": 1e-5, "atol": 1e-6}
+
+
 def _close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
 
 
 SCHEDULE = [(1e-3, 0.04, 0.996), (2e-3, 0.1, 0.997), (5e-4, 0.2, 0.999), (1e-3, 0.3, 0.9995)]

@@ -27,7 +27,11 @@ def test_every_switch_defaults_to_auto_and_the_recipes_set_none():
 def test_auto_resolves_to_the_fastest_measured_step_per_device():
     cuda = perf.resolve(PerfConfig(), CUDA)
     assert (cuda.bf16_weights, cuda.compile, cuda.token_buckets, cuda.optimizer, cuda.fp8,
-            cuda.activation_checkpointing) == (True, True, perf.AUTO_BUCKETS, "fused", "false", False)
+            cuda.activation_checkpointing) == (True, True, perf.AUTO_BUCKETS, "fused_tail", "false", False)
+    # the fused tail needs whole parameters and measured its gain over the bf16 compute copy
+    assert perf.resolve(PerfConfig(), CUDA, "fsdp").optimizer == "fused"
+    assert perf.resolve(PerfConfig(bf16_weights=False), CUDA).optimizer == "fused"
+    assert perf.resolve(PerfConfig(), CUDA, "ddp").optimizer == "fused_tail"
     cpu = perf.resolve(PerfConfig(), CPU)
     assert (cpu.bf16_weights, cpu.compile, cpu.token_buckets, cpu.optimizer) == (False, False, 0, "foreach")
     plain = perf.resolve(PerfConfig(preset="plain"), CUDA)

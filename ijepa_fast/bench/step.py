@@ -251,6 +251,9 @@ def measure(cfg: Config, *, device, steps: int = 10, warmup: int = 3, repeats: i
         row["mfu"] = round(row["tflops"] / peak_tflops, 3)
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        if perf.cuda_graphs is True:  # a captured graph's pool is reserved, but not counted as allocated on replay
+            row["peak_mem_gib"], row["peak_mem_kind"] = row["peak_reserved_gib"], "reserved (CUDA graph pool)"
         row["gpu"] = torch.cuda.get_device_name(device)
         add_spec_mfu(row)
     row["gpu_hours"] = gpu_hours(row["images_per_s"], m.name, m.patch_size, cfg.data.crop_size)

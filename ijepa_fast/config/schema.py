@@ -165,9 +165,9 @@ class PerfConfig:
     fp8_emulate: bool = opt(False, "for testing: emulate the FP8 casts with high-precision matmuls on any device "
                             "(the FP8 numerics, no speed-up)")
     optimizer: str = opt("auto", "AdamW implementation: 'fused', 'foreach', 'single' (torch), or 'fused_tail' (AdamW, "
-                         "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused on CUDA, "
-                         "foreach elsewhere (fused_tail is opt-in until a GPU test has compared its weights with "
-                         "torch's AdamW + EMA on a card)", ("auto", "fused", "foreach", "single", "fused_tail"))
+                         "the target EMA and the bf16 copy in one Triton pass per group); 'auto' = fused_tail on CUDA "
+                         "with bf16 weights (the fastest measured), torch's fused AdamW on CUDA otherwise (FSDP), "
+                         "foreach elsewhere", ("auto", "fused", "foreach", "single", "fused_tail"))
     cuda_graphs: bool | str = opt("auto", "the graph-ready step: with perf.optimizer=fused_tail, lr, weight decay and "
                                   "EMA momentum live in device tensors, gradient buffers persist, nothing is read "
                                   "back (deferred step); on CUDA the whole step is captured as one CUDA graph per "
