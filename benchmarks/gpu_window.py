@@ -6,10 +6,11 @@
 
 Stages, in order:
 
-- ``tests``: the GPU tests (every kernel, the fused tail against torch's AdamW + EMA on CUDA
-  tensors, FP8, host syncs, token buckets, and the golden step and trajectory on CUDA in fp32 from
-  $IJEPA_REFERENCE_DIR, where finding no golden file is a failure); the output goes to
-  ``DIR/gpu_tests.txt`` and one row counts passed / failed / skipped.
+- ``tests``: the GPU tests (the golden step and trajectory on CUDA in fp32 from
+  $IJEPA_REFERENCE_DIR first, where finding no golden file is a failure; every kernel, the fused tail
+  against torch's AdamW + EMA on CUDA tensors, the captured CUDA graphs against the plain step, FP8,
+  host syncs, token buckets); each outcome and failure goes to ``DIR/gpu_tests.txt`` as it happens
+  (``pytest_live.py``), and one row counts passed / failed / skipped.
 - ``step``: for ViT-H/14 b128 and ViT-B/16 b256 at reference masks, the released step (fed the same
   masks, at the same predictor depth; skipped, saying so, without ``.bench_ref/``) and our step as
   the recipe ships (``defaults``: no perf keys, every switch 'auto'), at its best measured variant
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from common import ROOT, emit, environment
 
 TESTS = ["tests/test_reference_golden_cuda.py", "tests/test_kernel_adamw_tail.py", "tests/test_fused_tail.py",
-         "tests/test_kernel_dispatch.py",
+         "tests/test_cuda_graphs.py", "tests/test_kernel_dispatch.py",
          "tests/test_kernel_ema.py", "tests/test_kernel_gather_layernorm.py", "tests/test_kernel_gather_tokens.py",
          "tests/test_kernel_jepa_loss.py", "tests/test_kernel_predictor_tokens.py", "tests/test_varlen.py",
          "tests/test_syncs.py", "tests/test_buckets.py",
