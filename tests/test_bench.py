@@ -177,6 +177,12 @@ def test_bench_run_takes_perf_variants_on_the_cpu():
     assert plain["perf"] == "defaults" and tail["perf"] == ["optimizer=fused_tail"]
     assert plain["perf_resolved"]["preset"] == "fast" and "auto" not in plain["perf_resolved"].values()
     assert abs(tail["loss"] - plain["loss"]) < 1e-3 * abs(plain["loss"]) + 1e-6
+    assert plain["precision"] == tail["precision"] == "fp32"  # the CPU's defaults: fp32 weights, no autocast
+    bf16 = run(BenchSpec(**base, fast=True, perf={"bf16_weights": "true"}))
+    assert bf16["precision"] == "bf16 weights"
+    page = step_report([plain, bf16], [], command="x")
+    assert "ijepa-fast, recipe as shipped (perf defaults), fp32 |" in page
+    assert "ijepa-fast, bf16, bf16_weights=true |" in page
     import pytest
 
     from ijepa_fast.errors import ConfigError

@@ -193,7 +193,7 @@ def table_rows(rows: list[dict], refs: list[dict]) -> list[str]:
             extra = _extras(r)
             step = ("ijepa-fast, recipe as shipped (perf defaults)" if r.get("perf") == "defaults" else
                     "ijepa-fast" if r.get("fast") else "ijepa-fast, plain path") + (
-                f", FP8 {r['fp8']}" if r.get("fp8") else ", bf16" if r.get("fast") else "") + (
+                f", FP8 {r['fp8']}" if r.get("fp8") else f", {_precision(r)}" if r.get("fast") else "") + (
                 f", {', '.join(extra)}" if extra else "")
             if r.get("error"):
                 lines.append(f"| {_name(model, patch)} | {batch} | {step} | {r.get('masks')} | | | {r['error']} "
@@ -207,6 +207,14 @@ def table_rows(rows: list[dict], refs: list[dict]) -> list[str]:
                          f"{_fmt(r.get('mfu'), True)} | {_fmt(r.get('mfu_spec'), True)} | "
                          f"{_peak_cell(r)} |")
     return lines
+
+
+def _precision(row: dict) -> str:
+    """The row's arithmetic as its bench recorded it; rows from before that field: bf16 on a GPU,
+    fp32 on the CPU (the fast path's defaults there)."""
+    if row.get("precision"):
+        return "fp32" if row["precision"] == "fp32" else "bf16"
+    return "fp32" if str(row.get("device", "")).startswith("cpu") else "bf16"
 
 
 def _peak_cell(row: dict) -> str:

@@ -38,7 +38,7 @@ from ..models import VIT_SIZES
 from ..perf import fp8 as fp8_switch
 from ..training.engine import Engine
 from ..training.schedules import Schedules
-from ..training.step import read_results
+from ..training.step import autocast_dtype, read_results
 from .report import RECIPES, add_spec_mfu, gpu_hours  # noqa: F401  (RECIPES: re-exported)
 from .suite import row_metadata, window_stats
 
@@ -245,7 +245,9 @@ def measure(cfg: Config, *, device, steps: int = 10, warmup: int = 3, repeats: i
            "gflop_per_img": round(flops / 1e9, 1), "tflops": round(flops * batch / sec / 1e12, 2),
            "loss": round(res.loss, 4), "warmup_s": round(warm_s, 1), "layout": _layout(engine.prepare(pool[0])),
            "kernels": model.kernels, "perf": config_perf_name(cfg), "perf_resolved": dataclasses.asdict(perf),
-           "optimizer": "fused_tail" if engine.tail is not None else perf.optimizer}
+           "optimizer": "fused_tail" if engine.tail is not None else perf.optimizer,
+           "precision": "bf16 weights" if engine.master is not None else
+           "bf16 autocast" if autocast_dtype(device, engine.precision) is not None else "fp32"}
     if peak_tflops:
         row["matmul_peak_tflops"] = round(peak_tflops, 1)
         row["mfu"] = round(row["tflops"] / peak_tflops, 3)
