@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 from common import ROOT, emit, environment
+
+from ijepa_fast.bench.suite import released_step
 
 RUN_ID = os.environ.get("BENCH_RUN_ID") or time.strftime("%Y%m%dT%H%M%S")
 
@@ -43,26 +44,14 @@ def reference_rows(model, patch, batch, *, steps, warmup, out, env, variants=("r
         return []
     rows = []
     for variant in variants:
-        extra = {"released": [], "compiled": ["--sdpa", "--compile"]}[variant]
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "reference_equal_work.py"), "--model", model, "--patch",
-               str(patch), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
-               "--pred-depth", str(pred_depth), "--crop", str(img), "--device", device] + extra
-        cmd += ["--own-masks"] if masks == "own" else []
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": ""})
-        tokens = None
-        for line in p.stdout.splitlines():
-            if not line.startswith("{"):
-                continue
-            r = json.loads(line)
-            if r.get("what") == "official_mask_collator":
-                tokens = r.get("mean_ctx_tokens")
-            elif r.get("what") == "official_train_step":
-                r.update(bench="reference_step", variant="released" if not extra else "released + sdpa + compile",
-                         mean_ctx_tokens=round(tokens, 1) if tokens is not None else None, pred_depth=pred_depth,
-                         img=img)
-                r.update(env)
-                rows.append(r)
-                emit(r, out)
+        extra = {"released": (), "compiled": ("--sdpa", "--compile")}[variant] + (("--own-masks",) if masks == "own"
+                                                                                  else ())
+        got, p = released_step(model, patch, batch, steps=steps, warmup=warmup, pred_depth=pred_depth, img=img,
+                               device=device, extra=extra, root=ROOT)
+        for r in got:
+            r.update(env)
+            rows.append(r)
+            emit(r, out)
         if p.returncode:
             print(p.stderr[-2000:], file=sys.stderr)
     return rows

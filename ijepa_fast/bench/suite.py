@@ -196,21 +196,19 @@ def run_suite(entries: list[SuiteEntry], measure: Callable[[SuiteEntry], list[di
 # ---------------------------------------------------------------------------------------------
 # the released step
 
-def released_rows(cfg, *, steps: int, warmup: int, device: str, root: Path = ROOT) -> list[dict]:
-    """The released step's rows for a config's model, patch, batch, predictor depth and resolution,
-    fed ijepa-fast's reference-mode masks (equal work), timed in a subprocess by
-    ``benchmarks/reference_equal_work.py``; a ConfigError when ``.bench_ref/`` lacks the released code."""
+def released_step(model: str, patch: int, batch: int, *, steps: int, warmup: int, pred_depth: int, img: int,
+                  device: str, extra: tuple[str, ...] = (), root: Path = ROOT):
+    """The released step timed in a subprocess by ``benchmarks/reference_equal_work.py`` (fed
+    ijepa-fast's reference-mode masks unless ``extra`` holds ``--own-masks``): its rows, named as the
+    report reads them, and the finished process (for its exit status and error output)."""
     import sys
 
-    if not (root / ".bench_ref" / "reference_step.py").exists():
-        raise ConfigError(f"the released step needs the released code in {root / '.bench_ref'} "
-                          f"(see benchmarks/prepare_device.sh)")
-    m = cfg.model
-    cmd = [sys.executable, str(root / "benchmarks" / "reference_equal_work.py"), "--model", m.name, "--patch",
-           str(m.patch_size), "--batch", str(cfg.data.batch_size), "--steps", str(steps), "--warmup", str(warmup),
-           "--pred-depth", str(m.pred_depth), "--crop", str(cfg.data.crop_size), "--device", device]
+    cmd = [sys.executable, str(root / "benchmarks" / "reference_equal_work.py"), "--model", model, "--patch",
+           str(patch), "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup),
+           "--pred-depth", str(pred_depth), "--crop", str(img), "--device", device, *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OUT": ""})
     rows, tokens = [], None
+    variant = "released + sdpa + compile" if "--compile" in extra else "released"
     for line in p.stdout.splitlines():
         if not line.startswith("{"):
             continue
@@ -218,8 +216,21 @@ def released_rows(cfg, *, steps: int, warmup: int, device: str, root: Path = ROO
         if r.get("what") == "official_mask_collator":
             tokens = r.get("mean_ctx_tokens")
         elif r.get("what") == "official_train_step":
-            rows.append({**r, "bench": "reference_step", "variant": "released", "pred_depth": m.pred_depth,
-                         "img": cfg.data.crop_size, "mean_ctx_tokens": tokens})
+            rows.append({**r, "bench": "reference_step", "variant": variant, "pred_depth": pred_depth, "img": img,
+                         "mean_ctx_tokens": round(tokens, 1) if tokens is not None else None})
+    return rows, p
+
+
+def released_rows(cfg, *, steps: int, warmup: int, device: str, root: Path = ROOT) -> list[dict]:
+    """The released step's rows for a config's model, patch, batch, predictor depth and resolution,
+    fed ijepa-fast's reference-mode masks (equal work), timed in a subprocess by
+    ``benchmarks/reference_equal_work.py``; a ConfigError when ``.bench_ref/`` lacks the released code."""
+    if not (root / ".bench_ref" / "reference_step.py").exists():
+        raise ConfigError(f"the released step needs the released code in {root / '.bench_ref'} "
+                          f"(see benchmarks/prepare_device.sh)")
+    m = cfg.model
+    rows, p = released_step(m.name, m.patch_size, cfg.data.batch_size, steps=steps, warmup=warmup,
+                            pred_depth=m.pred_depth, img=cfg.data.crop_size, device=device, root=root)
     if not rows:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the released step gave no row (exit {p.returncode}): {tail}")
