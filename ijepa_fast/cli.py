@@ -271,18 +271,9 @@ def _encoder(args):
 
 
 def _device(args):
-    import torch
+    from .training.setup import resolve_device
 
-    spec = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"--device {spec!r} is not a device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec}: CUDA is not available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {spec}: use cpu, cuda or cuda:N")
-    return dev
+    return resolve_device(args.device or "auto", setting="--device")
 
 
 def _encoder_args_check(args) -> None:

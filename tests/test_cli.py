@@ -90,3 +90,26 @@ def test_cli_bench_smoke_on_cpu(tmp_path):
     assert by[("default", True)]["layout"] == "padded" and by[("default", False)]["layout"] == "padded"
     assert by[("reference", True)]["layout"] == "dense"
     assert by[("default", True)]["ctx_tokens_per_img"] > by[("reference", True)]["ctx_tokens_per_img"]
+
+
+def test_device_errors_name_the_flag_or_the_config_key():
+    """One device check for the commands' --device and the config's run.device; each error names
+    what the user wrote, in the form they wrote it."""
+    import pytest
+
+    from ijepa_fast.errors import ConfigError
+    from ijepa_fast.training.setup import resolve_device
+
+    with pytest.raises(ConfigError, match=r"^--device 'banana' is not a device"):
+        resolve_device("banana", setting="--device")
+    with pytest.raises(ConfigError, match=r"^run.device='banana' is not a device"):
+        resolve_device("banana")
+    with pytest.raises(ConfigError, match=r"^run.device=meta: use cpu or cuda"):
+        resolve_device("meta")
+    assert resolve_device("cpu", setting="--device") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^--device cuda: CUDA is not available here; use --device cpu"):
+            resolve_device("cuda", setting="--device")
+        with pytest.raises(ConfigError, match=r"^run.device=cuda:1: CUDA is not available here; use run.device=cpu"):
+            resolve_device("cuda:1")
+        assert resolve_device("auto") == torch.device("cpu")

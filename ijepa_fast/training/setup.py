@@ -12,24 +12,28 @@ from ..runlog.output import log
 from . import distributed
 
 
-def resolve_device(spec: str, env: distributed.DistEnv | None = None) -> torch.device:
-    """'auto' -> the process's GPU (cuda:LOCAL_RANK under a launcher) or the CPU."""
+def resolve_device(spec: str, env: distributed.DistEnv | None = None, *, setting: str = "run.device") -> torch.device:
+    """'auto' -> the process's GPU (cuda:LOCAL_RANK under a launcher) or the CPU; anything else checked
+    against this machine, a ConfigError naming ``setting`` (a config key, or a flag such as '--device')."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", (env.local_rank if env else 0) % torch.cuda.device_count())
         return torch.device("cpu")
     from ..errors import ConfigError
 
+    def named(value: str) -> str:
+        return f"{setting} {value}" if setting.startswith("--") else f"{setting}={value}"
+
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"run.device={spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{named(repr(spec))} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={spec}: CUDA is not available here; use run.device=cpu or auto")
+        raise ConfigError(f"{named(spec)}: CUDA is not available here; use {named('cpu')} or auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"run.device={spec}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 ..)")
+        raise ConfigError(f"{named(spec)}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 ..)")
     if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"run.device={spec}: training runs on cpu or cuda")
+        raise ConfigError(f"{named(spec)}: use cpu or cuda")
     return dev
 
 
