@@ -57,10 +57,9 @@ class FusedTail:
         stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self._ema_only = [(p, t) for p, t in pairs if id(p) not in stepped]  # frozen encoder parameters
         # perf.fp8=target: the FP8 target layers of the module that runs the forward, recast from the
-        # fp32 target masters after the EMA (the same tensors every step: one cached table)
-        fp8_layers = fp8_target.layers((master.compute if master is not None else model).target_encoder)
-        self._fp8 = ([m.master_weight for m in fp8_layers], [m.weight_fp8 for m in fp8_layers],
-                     [m.weight_scale for m in fp8_layers])
+        # fp32 target masters after the EMA (their tensors are read at each step; while they stay put,
+        # the kernel's table is the cached one)
+        self._fp8_layers = fp8_target.layers((master.compute if master is not None else model).target_encoder)
         self.device_hyper = device_hyper
         if device_hyper:
             dev = next(model.parameters()).device
@@ -121,8 +120,10 @@ class FusedTail:
             adamw_tail_(ps, [None] * n, [None] * n, [None] * n, [None] * n, lr=0.0, weight_decay=0.0,
                         betas=(0.9, 0.999), eps=1e-8, targets=ts, target_computes=[tc_of(id(t)) for t in ts],
                         momentum=momentum, found_inf=found_inf, backend=self.backend)
-        if self._fp8[0]:
-            fp8_rows_(*self._fp8, found_inf=found_inf, backend=self.backend)
+        if self._fp8_layers:
+            layers = self._fp8_layers
+            fp8_rows_([m.master_weight for m in layers], [m.weight_fp8 for m in layers],
+                      [m.weight_scale for m in layers], found_inf=found_inf, backend=self.backend)
 
     @torch.no_grad()
     def zero_grad(self, runner: torch.nn.Module, from_compute: bool) -> None:
