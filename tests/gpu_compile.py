@@ -57,6 +57,7 @@ def install(arch: int) -> list[str]:
         adamw_tail,
         dispatch,
         ema,
+        fp8_rows,
         gather_layernorm,
         gather_tokens,
         jepa_loss,
@@ -77,7 +78,7 @@ def install(arch: int) -> list[str]:
     def use_triton(backend, *tensors):
         return backend != "reference"
 
-    for mod in (adamw_tail, dispatch, ema, gather_layernorm, gather_tokens, jepa_loss, predictor_tokens):
+    for mod in (adamw_tail, dispatch, ema, fp8_rows, gather_layernorm, gather_tokens, jepa_loss, predictor_tokens):
         if hasattr(mod, "use_triton"):
             mod.use_triton = use_triton
     return compiled
@@ -89,6 +90,7 @@ def cases():
 
     from ijepa_fast.kernels.adamw_tail import adamw_tail_
     from ijepa_fast.kernels.ema import ema_update_
+    from ijepa_fast.kernels.fp8_rows import fp8_rows_
     from ijepa_fast.kernels.gather_layernorm import gather_layernorm
     from ijepa_fast.kernels.gather_tokens import gather_tokens, gather_tokens_packed
     from ijepa_fast.kernels.jepa_loss import jepa_loss
@@ -122,6 +124,14 @@ def cases():
         for cd in dtypes:
             for scale in (False, True):
                 yield f"adamw_tail g={gd} c={cd} scale={scale}", lambda gd=gd, cd=cd, s=scale: tail(gd, cd, s, s)
+    def fp8(found):
+        shapes = ((3840, 1280), (1280, 5120), (7, 48))  # ViT-H's rows and an odd one
+        weights = [r(*s) for s in shapes]
+        fp8_rows_(weights, [torch.empty(s, dtype=torch.float8_e4m3fn) for s in shapes],
+                  [torch.empty(s[0]) for s in shapes], found_inf=torch.zeros(()) if found else None,
+                  backend="triton")
+    for found in (False, True):
+        yield f"fp8_rows found_inf={found}", lambda found=found: fp8(found)
     n = 20
     for dt in dtypes:
         for d in widths:

@@ -154,7 +154,9 @@ class PerfConfig:
     fp8: str = opt("auto", "float8 matmuls in the context and target encoders' linear layers (torchao; CUDA compute "
                    "capability >= 8.9): 'rowwise' or 'tensorwise' scaling, 'false' = off (true = rowwise); the "
                    "predictor, the weights of record and the checkpoints are unchanged; 'target' = rowwise in the "
-                   "target encoder's forward only, on layers of both dimensions >= fp8_min_dim; auto = off",
+                   "target encoder's forward only, on layers of both dimensions >= fp8_min_dim (with "
+                   "optimizer=fused_tail its FP8 weights are written by the tail after the EMA, without torchao); "
+                   "auto = off",
                    ("auto", "false", "rowwise", "tensorwise", "target"), aliases={True: "rowwise", False: "false",
                                                                         "true": "rowwise", "none": "false",
                                                                         "off": "false"})

@@ -21,9 +21,12 @@ the numerics, with no speed-up.
 ``perf.fp8=target`` converts only the target encoder (rowwise scaling): its forward pass, which
 runs without gradients on every image at full resolution, is about half of the encoders' linear
 FLOPs that a step spends without a backward pass, so FP8 there changes no gradient arithmetic, only
-the regression targets (to FP8 precision). Its FP8 weights are cast from the target's weights in
-each forward (torchao's dynamic scaling): writing them from the fused tail right after the EMA is
-not done.
+the regression targets (to FP8 precision). With the fused tail (``perf.optimizer=fused_tail``) its
+layers become ``fp8_target.Float8TargetLinear``: float8 weights with one scale per output row, which
+the tail writes right after the EMA from the fp32 target master (one launch of
+``kernels/fp8_rows.py`` over every layer), so no forward casts a weight; torchao is not needed.
+Without the fused tail they are torchao ``Float8Linear`` layers, which cast the target's weights in
+each forward (dynamic scaling). The log line names the path that runs.
 
 Size threshold (``perf.fp8_min_dim``; auto = ``TARGET_MIN_DIM`` = 1024 under ``fp8=target``, every
 eligible layer otherwise): FP8 pays only when the matmul's time saved exceeds the casts it adds.
@@ -35,7 +38,8 @@ Layers whose both dimensions are >= 1024 therefore qualify: all of ViT-H's (1280
 ViT-L's (1024 ...), none of ViT-B's (768). The figure is an estimate from the card's ratio of compute
 to bandwidth, not yet a measured one.
 
-torchao is optional (``pip install 'ijepa-fast[fp8]'``) and imported only when ``perf.fp8`` is on.
+torchao is optional (``pip install 'ijepa-fast[fp8]'``) and imported only when ``perf.fp8`` converts through it
+(not by ``perf.fp8=target`` with the fused tail).
 """
 from __future__ import annotations
 
@@ -125,5 +129,7 @@ def convert(model, name: str, *, emulate: bool = False, parts: tuple[str, ...] =
 def describe(name: str, count: int, emulate: bool, value=None, min_features: int = ELIGIBLE_MIN_DIM) -> str:
     where = "target-encoder (forward only)" if value == "target" else "encoder and target-encoder"
     size = f", both dimensions >= {min_features}" if min_features > ELIGIBLE_MIN_DIM else ""
+    recast = "; weights cast in every forward (perf.optimizer=fused_tail writes them once per step instead)" \
+        if value == "target" else ""
     return (f"fp8 {name} (torchao Float8Linear on {count} {where} linear layers{size}; predictor "
-            f"unchanged{'; emulated, for testing' if emulate else ''})")
+            f"unchanged{recast}{'; emulated, for testing' if emulate else ''})")

@@ -18,7 +18,8 @@ padding masked out: the same loss and gradients, a small fixed set of block shap
 ``fp8``: the encoder's and the target encoder's linear layers run their matmuls in float8
 through torchao (see ``fp8``), on the compute copy when there is one, so the masters stay plain;
 ``fp8=target``: only the target encoder's (its forward), and only layers of both dimensions >=
-``fp8_min_dim`` (auto: 1024).
+``fp8_min_dim`` (auto: 1024); with the fused tail (``optimizer=fused_tail``) those layers hold float8
+weights that the tail writes after the EMA (``fp8_target``), otherwise torchao casts them in each forward.
 
 ``activation_checkpointing``: each context-encoder and predictor block recomputes its activations
 in the backward pass: ``full`` (or ``true``) the whole block (about a third more compute, only the
@@ -240,8 +241,15 @@ def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeight
     if fp8_recipe:
         fp8.check_device(device, perf.fp8_emulate)
         size = fp8.min_dim(perf.fp8, getattr(perf, "fp8_min_dim", "auto"))
-        count = fp8.convert(run, fp8_recipe, emulate=perf.fp8_emulate, parts=fp8.parts(perf.fp8), min_features=size)
-        fp8_note = "; " + fp8.describe(fp8_recipe, count, perf.fp8_emulate, perf.fp8, size)
+        if perf.fp8 == "target" and uses_fused_tail(perf, device):  # FP8 weights written by the fused tail
+            from . import fp8_target
+
+            count = fp8_target.convert(run, model, min_features=size, emulate=perf.fp8_emulate)
+            fp8_note = "; " + fp8_target.describe(count, perf.fp8_emulate, size)
+        else:
+            count = fp8.convert(run, fp8_recipe, emulate=perf.fp8_emulate, parts=fp8.parts(perf.fp8),
+                                min_features=size)
+            fp8_note = "; " + fp8.describe(fp8_recipe, count, perf.fp8_emulate, perf.fp8, size)
     ckpt = checkpoint_mode(perf.activation_checkpointing)
     if ckpt:
         set_activation_checkpointing(run, ckpt, selective_blocks=getattr(perf, "selective_blocks", "all"))

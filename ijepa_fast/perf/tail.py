@@ -5,7 +5,10 @@ masters), ``model.update_target(momentum)`` (the EMA) and ``MasterWeights.sync_p
 bf16 compute copy from the masters). ``FusedTail.step`` does all three in one sweep per parameter
 group (``kernels/adamw_tail.py``): it reads each gradient (the bf16 one of the compute copy, or
 the fp32 master gradient), the master and its moments, and writes the master, the moments, the
-compute copy and, for encoder parameters, the target encoder and its compute copy.
+compute copy and, for encoder parameters, the target encoder and its compute copy. Under
+``perf.fp8=target`` it then writes the target encoder's FP8 weights and scales from the fp32 target
+masters it has just updated (``fp8_target``; one launch of ``kernels/fp8_rows.py`` over every FP8
+layer, skipped with the rest on ``found_inf``).
 
 The optimiser state stays in the ``torch.optim.AdamW``'s own ``state`` (``exp_avg``,
 ``exp_avg_sq``, ``step``), so checkpoints keep their format and a run can resume with either
@@ -29,7 +32,9 @@ from __future__ import annotations
 import torch
 
 from ..kernels.adamw_tail import adamw_tail_
+from ..kernels.fp8_rows import fp8_rows_
 from ..model import IJEPA
+from . import fp8_target
 
 
 class FusedTail:
@@ -51,6 +56,10 @@ class FusedTail:
             if master is not None else {}
         stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self._ema_only = [(p, t) for p, t in pairs if id(p) not in stepped]  # frozen encoder parameters
+        # perf.fp8=target: the FP8 target layers of the module that runs the forward, recast from the
+        # fp32 target masters after the EMA (their tensors are read at each step; while they stay put,
+        # the kernel's table is the cached one)
+        self._fp8_layers = fp8_target.layers((master.compute if master is not None else model).target_encoder)
         self.device_hyper = device_hyper
         if device_hyper:
             dev = next(model.parameters()).device
@@ -84,9 +93,10 @@ class FusedTail:
     def step(self, momentum: float, *, from_compute: bool = False, grad_scale: torch.Tensor | None = None,
              found_inf: torch.Tensor | None = None) -> None:
         """One AdamW step of every group at its current lr / weight decay / betas / eps, the EMA at
-        ``momentum`` and the compute copies. ``from_compute``: take the gradients from the bf16
-        compute copy (no fp32 master gradients were made). ``grad_scale``: a device scalar
-        multiplying every gradient (clipping). ``found_inf``: a device scalar; nonzero skips it all.
+        ``momentum``, the compute copies and the target's FP8 weights (``perf.fp8=target``).
+        ``from_compute``: take the gradients from the bf16 compute copy (no fp32 master gradients
+        were made). ``grad_scale``: a device scalar multiplying every gradient (clipping).
+        ``found_inf``: a device scalar; nonzero skips it all.
         With ``device_hyper`` the values ``stage`` wrote are used (``momentum`` is ignored)."""
         tc_of = self._compute.get
         if self.device_hyper:
@@ -110,6 +120,10 @@ class FusedTail:
             adamw_tail_(ps, [None] * n, [None] * n, [None] * n, [None] * n, lr=0.0, weight_decay=0.0,
                         betas=(0.9, 0.999), eps=1e-8, targets=ts, target_computes=[tc_of(id(t)) for t in ts],
                         momentum=momentum, found_inf=found_inf, backend=self.backend)
+        if self._fp8_layers:
+            layers = self._fp8_layers
+            fp8_rows_([m.master_weight for m in layers], [m.weight_fp8 for m in layers],
+                      [m.weight_scale for m in layers], found_inf=found_inf, backend=self.backend)
 
     @torch.no_grad()
     def zero_grad(self, runner: torch.nn.Module, from_compute: bool) -> None:

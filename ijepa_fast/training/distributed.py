@@ -168,8 +168,10 @@ def wrap(model, strategy: str, device: torch.device, static_graph: bool = True):
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # the model's only buffers are the FP8 target weights (perf.fp8=target), which every process casts
+        # from its own, identical target master: nothing to broadcast before each forward
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=static_graph,
-                   gradient_as_bucket_view=True)
+                   gradient_as_bucket_view=True, broadcast_buffers=False)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -39,6 +39,7 @@ from ..checkpoint.states import engine_state, load_engine_state
 from ..config import MaskConfig, PerfConfig
 from ..masks import MaskBatch, MultiBlockSampler
 from ..model import IJEPA
+from ..perf import fp8_target
 from ..perf.graphs import StepGraphs
 from ..perf.switches import apply as apply_perf
 from ..perf.switches import describe as describe_perf
@@ -179,6 +180,7 @@ class Engine(nn.Module):
         """The EMA update of the target encoder at ``step``'s momentum (for loops that run the optimiser
         themselves, after each optimiser step)."""
         self.model.update_target(self.schedules.momentum_at(step))
+        fp8_target.refresh(self.run_model)  # perf.fp8=target: the FP8 weights follow the EMA
 
     def masks(self, batch_size: int, step: int) -> MaskBatch:
         """This process's masks of ``step`` (the same on any number of processes in default mode)."""
