@@ -53,7 +53,7 @@ TESTS = ["tests/test_reference_golden_cuda.py", "tests/test_kernel_adamw_tail.py
          "tests/test_kernel_ema.py", "tests/test_kernel_gather_layernorm.py", "tests/test_kernel_gather_tokens.py",
          "tests/test_kernel_jepa_loss.py", "tests/test_kernel_predictor_tokens.py", "tests/test_varlen.py",
          "tests/test_syncs.py", "tests/test_buckets.py",
-         "tests/test_fp8.py"]
+         "tests/test_kernel_fp8_rows.py", "tests/test_fp8.py", "tests/test_fp8_target_tail.py"]
 REHEARSAL_TESTS = ["tests/test_reference_golden_cuda.py", "tests/test_kernel_adamw_tail.py::"
                    "test_kernel_adamw_tail_checks_its_inputs"]
 NUMERICS_CAP_S = 60.0  # the numerics check on a GPU (a few seconds of compute; model builds and warm-up)
