@@ -83,7 +83,9 @@ def test_varlen_packed_step_equals_padded_step(num_context, varlen):
 
 
 def test_varlen_golden_reference_step_through_packed_path():
-    """The reference's golden step (equal lengths) through the packed layout, fp32 on the CPU."""
+    """The reference's golden step (equal lengths) through the packed layout, fp32 on the CPU: outputs,
+    losses, every gradient and the update rule (the end-to-end state after AdamW is checked on the
+    dense layout only: the packed matmuls sum in another order, see run_golden_step)."""
     from test_reference_golden import PAIRS, compare, run_golden_step
 
     for p in PAIRS:
