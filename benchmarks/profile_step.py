@@ -190,6 +190,7 @@ def main():
            "perf": args.perf or "",
            "host_syncs": syncs.total, "host_syncs_by_location": syncs.by_location(),
            "cuda_sync_warnings": len(syncs.cuda_warnings),
+           "cuda_sync_warnings_at": [f"{w.where}: {w.why}" for w in syncs.cuda_warnings][:10],
            "median": {k: statistics.median(s[k] for s in steps) for k in ("wall_ms", "total_ms") + CATEGORIES},
            **env}
     emit(row, args.out)
