@@ -114,19 +114,22 @@ def test_distributed_bf16_weights_under_ddp_equal_one_process(one_process, tmp_p
 
 def test_distributed_fused_tail_under_ddp_equals_one_process(tmp_path):
     """The fused AdamW + EMA tail (what perf.optimizer=auto takes on CUDA with bf16 weights, DDP
-    included) on 2 gloo ranks against one process with the full batch, and one process with the tail
-    against torch's AdamW: the weight updates after 5 steps agree as the bf16-weight runs do."""
+    included) on 2 gloo ranks, and over 2 micro-batches, against one process with the full batch; and
+    one process with the tail against torch's AdamW: the weight updates after 5 steps agree as the
+    bf16-weight runs do."""
     tail = ["perf.bf16_weights=true", "perf.optimizer=fused_tail", *TINY]
     run_cli("train", "--run-dir", tmp_path / "one", "--steps", "5", "data.batch_size=8", *tail)
     run_cli("train", "--run-dir", tmp_path / "torch", "--steps", "5", "data.batch_size=8", "perf.bf16_weights=true",
             *TINY)
     torchrun(2, "train", "--run-dir", tmp_path / "ddp", "--steps", "5", "data.batch_size=4", *tail)
-    for run in ("one", "ddp"):
+    run_cli("train", "--run-dir", tmp_path / "acc", "--steps", "5", "data.batch_size=8", "optim.accum_steps=2", *tail)
+    for run in ("one", "ddp", "acc"):
         assert "optimiser fused_tail" in (tmp_path / run / "train.log").read_text(), run
     start = _initial_weights(tmp_path)
     one = weights(tmp_path / "one" / "jepa-latest.pth.tar")
     assert _update_error(one, weights(tmp_path / "torch" / "jepa-latest.pth.tar"), start) < 1e-5
     assert _update_error(weights(tmp_path / "ddp" / "jepa-latest.pth.tar"), one, start) < 0.005
+    assert _update_error(weights(tmp_path / "acc" / "jepa-latest.pth.tar"), one, start) < 0.005  # 2 micro-batches
     for a, b in zip(losses(tmp_path / "ddp"), losses(tmp_path / "one")):
         assert a == pytest.approx(b, rel=1e-3)
 
