@@ -171,10 +171,8 @@ def build_from_config(cfg: Config, batches: int, device, *, steps_per_epoch: int
 
 def run(spec: BenchSpec, peak_tflops: float | None = None) -> dict:
     """Time ``spec.repeats`` windows of ``spec.steps`` training steps after ``spec.warmup``; one row."""
-    row = measure(bench_config(spec), device=spec.device, steps=spec.steps, warmup=spec.warmup,
-                  repeats=spec.repeats, peak_tflops=peak_tflops)
-    row.update(model=spec.model, masks=spec.mask_mode, fast=spec.fast, fp8=spec.fp8, perf=perf_name(spec))
-    return row
+    return measure(bench_config(spec), device=spec.device, steps=spec.steps, warmup=spec.warmup,
+                   repeats=spec.repeats, peak_tflops=peak_tflops)
 
 
 def _timed_window(step, first: int, steps: int, device: torch.device) -> tuple[list[float], object]:
@@ -237,7 +235,7 @@ def measure(cfg: Config, *, device, steps: int = 10, warmup: int = 3, repeats: i
     g = cfg.data.global_batch
     row = {"bench": "step", "model": m.name, "patch": m.patch_size, "img": cfg.data.crop_size, "batch": batch,
            "pred_depth": m.pred_depth, "masks": cfg.mask.mode, "fast": perf.preset != "plain",
-           "fp8": fp8_switch.recipe(perf.fp8), "device": str(device), "accum_steps": setup.cfg.optim.accum_steps,
+           "fp8": fp8_name(perf.fp8), "device": str(device), "accum_steps": setup.cfg.optim.accum_steps,
            "global_batch": g, "devices_at_global_batch": g / batch if g else None,
            "step_ms": round(sec * 1e3, 2), "images_per_s": round(windows["median"], 1), "windows": windows,
            "ctx_tokens_per_img": round(ctx, 1), "ctx_tokens_per_s": round(batch * ctx / sec),
@@ -263,26 +261,22 @@ def measure(cfg: Config, *, device, steps: int = 10, warmup: int = 3, repeats: i
     return row
 
 
+def fp8_name(value) -> str | None:
+    """``perf.fp8`` as a row names it: None (off), 'target' (the target encoder only) or the recipe."""
+    recipe = fp8_switch.recipe(value)
+    return "target" if recipe and value == "target" else recipe
+
+
 def config_perf_name(cfg: Config):
-    """A config's name for its switches, as ``perf_name``: 'plain' (``perf.preset=plain``),
-    'defaults' (no perf key set: every switch 'auto'), else the keys set (``['compile=True']``)."""
+    """A config's name for its switches: 'plain' (``perf.preset=plain``), 'defaults' (no perf key
+    set: what ``ijepa-fast train`` runs with the recipe as shipped, every switch 'auto'), else the
+    switches set by hand, fp8 first (``['fp8=rowwise', 'compile=false']``)."""
     if cfg.perf.preset == "plain":
         return "plain"
     base = PerfConfig()
-    # fp8 first, as perf_name writes it
     keys = sorted((f.name for f in dataclasses.fields(base)), key=lambda name: name != "fp8")
-    names = [f"{name}={getattr(cfg.perf, name)}" for name in keys if getattr(cfg.perf, name) != getattr(base, name)]
-    return names or "defaults"
-
-
-def perf_name(spec: BenchSpec):
-    """The row's name for its switches: 'defaults' (what ``ijepa-fast train`` runs with the recipe as
-    shipped: every switch 'auto'), 'plain', or the switches set by hand (``['fp8=rowwise', 'k=v']``)."""
-    if not spec.fast:
-        return "plain"
-    if not spec.perf and not spec.fp8:
-        return "defaults"
-    return ([f"fp8={spec.fp8}"] if spec.fp8 else []) + [f"{k}={v}" for k, v in spec.perf.items()]
+    return [f"{name}={str(v).lower() if isinstance(v, bool) else v}" for name in keys
+            if (v := getattr(cfg.perf, name)) != getattr(base, name)] or "defaults"
 
 
 def _layout(masks) -> str:
