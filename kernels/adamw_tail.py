@@ -33,7 +33,7 @@ from collections import OrderedDict
 
 import torch
 
-from .dispatch import block_rows, use_triton
+from .dispatch import block_rows, program_table, recall, remember, upload, use_triton
 
 try:
     import triton
@@ -241,22 +241,6 @@ _BLOCKS: OrderedDict = OrderedDict()  # block tables, by size
 _CACHE_SIZE, _BLOCKS_SIZE = 64, 32
 
 
-def _remember(cache: OrderedDict, size: int, key, value):
-    """Keep ``value`` under ``key``, evicting the least recently used entry beyond ``size`` (a run's own
-    tables, used every step, are never the ones to go)."""
-    cache[key] = value
-    while len(cache) > size:
-        cache.popitem(last=False)
-    return value
-
-
-def _recall(cache: OrderedDict, key):
-    hit = cache.get(key)
-    if hit is not None:
-        cache.move_to_end(key)
-    return hit
-
-
 def _tl_dtype(dtype):
     if dtype is None:
         return tl.float32  # absent: never dereferenced
@@ -267,12 +251,6 @@ def _tl_dtype(dtype):
     return _TL_DTYPES[dtype]
 
 
-def _upload(host: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    if dev.type == "cuda":  # from pinned memory, asynchronously: no host synchronisation
-        return host.pin_memory().to(dev, non_blocking=True)
-    return host.to(dev)
-
-
 BUILDS = {"blocks": 0, "pointers": 0}  # how many tables were built (tests check that steps reuse them)
 
 
@@ -280,14 +258,11 @@ def _block_tables(sizes: tuple, block: int, dev: torch.device) -> tuple[torch.Te
     """(tensor of each block, index of the block in its tensor), built once per set of sizes with
     vectorised torch ops (a ViT-H group has ~300k blocks) and cached: they do not depend on addresses."""
     key = (block, str(dev), sizes)
-    hit = _recall(_BLOCKS, key)
+    hit = recall(_BLOCKS, key)
     if hit is None:
-        nblocks = (torch.tensor(sizes, dtype=torch.int64) + block - 1) // block
-        block_tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), nblocks)
-        starts = torch.cumsum(nblocks, 0) - nblocks
-        block_index = torch.arange(int(nblocks.sum()), dtype=torch.int64) - torch.repeat_interleave(starts, nblocks)
-        hit = _remember(_BLOCKS, _BLOCKS_SIZE, key,
-                        (_upload(block_tensor, dev), _upload(block_index.to(torch.int32), dev)))
+        block_tensor, block_index = program_table((torch.tensor(sizes, dtype=torch.int64) + block - 1) // block)
+        hit = remember(_BLOCKS, _BLOCKS_SIZE, key,
+                       (upload(block_tensor, dev), upload(block_index.to(torch.int32), dev)))
         BUILDS["blocks"] += 1
     return hit
 
@@ -299,11 +274,11 @@ def _tables(rows, coef_rows, block: int, dev: torch.device):
     ptrs = tuple(x.data_ptr() if x is not None else 0 for r in rows for x in r[:4] + r[5:])
     sizes = tuple(r[0].numel() for r in rows)
     key = ("pointers", str(dev), ptrs, sizes, tuple(coef_rows))
-    hit = _recall(_CACHE, key)
+    hit = recall(_CACHE, key)
     if hit is None:
         meta = [v for n, j in zip(sizes, coef_rows) for v in (n, j)]
-        hit = _remember(_CACHE, _CACHE_SIZE, key, (_upload(torch.tensor(ptrs, dtype=torch.int64), dev),
-                                                   _upload(torch.tensor(meta, dtype=torch.int64), dev)))
+        hit = remember(_CACHE, _CACHE_SIZE, key, (upload(torch.tensor(ptrs, dtype=torch.int64), dev),
+                                                 upload(torch.tensor(meta, dtype=torch.int64), dev)))
         BUILDS["pointers"] += 1
     return hit + _block_tables(sizes, block, dev)
 

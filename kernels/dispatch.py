@@ -1,4 +1,5 @@
-"""Where every op chooses between its Triton kernel and its pure-torch reference.
+"""Where every op chooses between its Triton kernel and its pure-torch reference, and the launch
+helpers the ops share (block sizes; the cached device tables of the multi-tensor ops).
 
 ``backend`` (the engine's ``model.kernels`` option):
 
@@ -87,3 +88,36 @@ def token_blocks(width: int) -> tuple[int, int]:
     up to 256 columns per program, 32 rows on a GPU, 4096 under the interpreter."""
     block_d = min(next_power_of_2(width), 256)
     return block_rows(32, 4096, block_d), block_d
+
+
+def upload(host: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host-built table on ``dev``: on CUDA from pinned memory, asynchronously (no host synchronisation)."""
+    if dev.type == "cuda":
+        return host.pin_memory().to(dev, non_blocking=True)
+    return host.to(dev)
+
+
+def remember(cache, size: int, key, value):
+    """Keep ``value`` under ``key`` in ``cache`` (an OrderedDict), evicting the least recently used
+    entries beyond ``size`` (a run's own tables, used every step, are never the ones to go)."""
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
+    return value
+
+
+def recall(cache, key):
+    """``cache``'s entry for ``key`` (None when absent), marked as the most recently used."""
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+    return hit
+
+
+def program_table(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``counts[i]`` programs over tensor ``i`` (int64, on the host): (the tensor of each program
+    as int32, the program's index within its tensor as int64), with vectorised torch ops (a ViT-H
+    parameter group has ~300k programs)."""
+    tensor = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return tensor, torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(starts, counts)

@@ -31,7 +31,7 @@ from collections import OrderedDict
 
 import torch
 
-from .dispatch import block_rows, interpreting, next_power_of_2, use_triton
+from .dispatch import block_rows, interpreting, next_power_of_2, program_table, recall, remember, upload, use_triton
 
 try:
     import triton
@@ -140,36 +140,21 @@ _TABLES_SIZE = 16
 BUILDS = {"tables": 0}  # how many tables were built (tests check that steps reuse them)
 
 
-def _upload(host: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    if dev.type == "cuda":  # from pinned memory, asynchronously: no host synchronisation
-        return host.pin_memory().to(dev, non_blocking=True)
-    return host.to(dev)
-
-
 def _tables(weights, qs, scales, rows_per_program: int, dev: torch.device):
     """(pointer table, [rows, cols] per tensor, tensor of each program, first row of each program),
     cached by the tensors' addresses and shapes (a model's buffers never move: built once)."""
     ptrs = tuple(x.data_ptr() for triple in zip(weights, qs, scales) for x in triple)
     shapes = tuple(tuple(w.shape) for w in weights)
     key = (str(dev), ptrs, shapes, rows_per_program)
-    hit = _TABLES.get(key)
+    hit = recall(_TABLES, key)
     if hit is not None:
-        _TABLES.move_to_end(key)
         return hit
     n_rows = torch.tensor([s[0] for s in shapes], dtype=torch.int64)
-    programs = (n_rows + rows_per_program - 1) // rows_per_program
-    block_tensor = torch.repeat_interleave(torch.arange(len(shapes), dtype=torch.int32), programs)
-    starts = torch.cumsum(programs, 0) - programs
-    block_row = (torch.arange(int(programs.sum()), dtype=torch.int64)
-                 - torch.repeat_interleave(starts, programs)) * rows_per_program
+    block_tensor, index = program_table((n_rows + rows_per_program - 1) // rows_per_program)
     meta = torch.tensor([v for s in shapes for v in s], dtype=torch.int64)
-    hit = tuple(_upload(t, dev) for t in (torch.tensor(ptrs, dtype=torch.int64), meta, block_tensor,
-                                          block_row.to(torch.int32)))
-    _TABLES[key] = hit
-    while len(_TABLES) > _TABLES_SIZE:
-        _TABLES.popitem(last=False)
     BUILDS["tables"] += 1
-    return hit
+    return remember(_TABLES, _TABLES_SIZE, key, tuple(upload(t, dev) for t in (
+        torch.tensor(ptrs, dtype=torch.int64), meta, block_tensor, (index * rows_per_program).to(torch.int32))))
 
 
 def fp8_rows_triton(weights, qs, scales, *, found_inf: torch.Tensor | None = None) -> None:
