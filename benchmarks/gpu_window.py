@@ -233,9 +233,17 @@ def built_on(device: str):
 
 def run_steps(win: Window, models: list[Model], steps: int, warmup: int, peak: float | None) -> None:
     """The released step's row and ours, variant by variant (MFU against ``peak``)."""
+    import torch
     from bench_step import reference_rows
 
     from ijepa_fast.bench.step import BenchSpec, run
+    from ijepa_fast.config import PerfConfig, merge
+    from ijepa_fast.perf.switches import fp8_through_torchao
+
+    def needs_torchao(v: Variant) -> bool:
+        perf = PerfConfig()
+        merge(perf, {**v.perf, "fp8": v.fp8}, "perf.")
+        return fp8_through_torchao(perf, torch.device(win.device))
 
     for m in models:
         what = {"bench": "reference_step", "model": m.model, "patch": m.patch, "batch": m.batch,
@@ -254,8 +262,7 @@ def run_steps(win: Window, models: list[Model], steps: int, warmup: int, peak: f
                 return rows[0]
             win.guarded(what, m.released_cap_s, released)
         for v in m.variants:
-            if v.fp8 and importlib.util.find_spec("torchao") is None and \
-                    not (v.fp8 == "target" and v.perf.get("optimizer") == "fused_tail"):  # that one needs no torchao
+            if v.fp8 and importlib.util.find_spec("torchao") is None and needs_torchao(v):
                 print(f"torchao is not installed: the FP8 row of {m.model} is not measured "
                       "(benchmarks/prepare_device.sh downloads its wheel)", flush=True)
                 continue

@@ -104,3 +104,13 @@ def test_compile_runs_static_shapes_and_compiles_nothing_after_warm_up(mode, mon
     assert not any(graphs), "a block graph has symbolic sizes (dynamic shapes)"
     assert all(torch.isfinite(torch.tensor(losses)))
     torch._dynamo.reset()
+
+
+def test_fp8_goes_through_torchao_except_target_over_the_fused_tail():
+    """Which FP8 settings need torchao: every one but fp8=target over the fused tail (which 'auto'
+    takes on CUDA), whose FP8 weights the tail writes."""
+    assert perf.fp8_through_torchao(PerfConfig(fp8="target"), CUDA) is False
+    assert perf.fp8_through_torchao(PerfConfig(fp8="target", optimizer="fused"), CUDA) is True
+    assert perf.fp8_through_torchao(PerfConfig(fp8="target"), CPU) is True  # foreach AdamW on the CPU
+    assert perf.fp8_through_torchao(PerfConfig(fp8="rowwise"), CUDA) is True
+    assert perf.fp8_through_torchao(PerfConfig(), CUDA) is False

@@ -241,7 +241,7 @@ def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeight
     if fp8_recipe:
         fp8.check_device(device, perf.fp8_emulate)
         size = fp8.min_dim(perf.fp8, getattr(perf, "fp8_min_dim", "auto"))
-        if perf.fp8 == "target" and uses_fused_tail(perf, device):  # FP8 weights written by the fused tail
+        if not fp8_through_torchao(perf, device):  # fp8=target over the fused tail: FP8 weights it writes
             from . import fp8_target
 
             count = fp8_target.convert(run, model, min_features=size, emulate=perf.fp8_emulate)
@@ -268,6 +268,13 @@ def apply(model: IJEPA, perf, device: torch.device) -> tuple[IJEPA, MasterWeight
     log.info(f"performance switches: {', '.join(enabled) if enabled else 'none (the plain step)'}; optimiser "
              + (f"fused_tail{tail}" if uses_fused_tail(perf, device) else optimizer_impl(perf, device)) + fp8_note)
     return run, master
+
+
+def fp8_through_torchao(perf, device: torch.device) -> bool:
+    """Whether ``perf.fp8`` converts through torchao's Float8Linear (which needs torchao installed):
+    every FP8 setting except ``fp8=target`` over the fused tail, whose FP8 weights the tail writes."""
+    perf = resolve(perf, device)
+    return fp8.recipe(perf.fp8) is not None and not (perf.fp8 == "target" and uses_fused_tail(perf, device))
 
 
 def uses_fused_tail(perf, device: torch.device) -> bool:
